@@ -1,0 +1,45 @@
+# fastenc developer entry points. `make demo` and `make test` each work on a fresh clone (they run setup first).
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+PYTEST  := $(VPY) -m pytest
+STAMP   := $(VENV)/.fastenc-installed
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: setup demo test test-slow test-all bench clean
+
+setup: $(STAMP)
+
+# Everything pinned by .ci/constraints.txt (a full freeze of a working environment). fastenc itself is installed
+# editable without build isolation so its optional native build sees this torch instead of downloading another.
+$(STAMP): setup.py .ci/constraints.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q -c .ci/constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c .ci/constraints.txt deepspeed timm transformers sentencepiece webdataset safetensors \
+	    pyyaml tqdm tensorboard matplotlib pillow numpy ninja pytest pytest-timeout open_clip_torch
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@# DeepSpeed JIT-builds its CPU shared-memory allreduce on first use (~2 min); do it once here, in one
+	@# process, because several ranks building it at the same time can hang.
+	$(VPY) -m fastenc.engine.distributed
+	touch $(STAMP)
+
+# The README's main job: tiny CLIP on synthetic shards (generated on first use), on this CPU, in a few minutes.
+demo: setup
+	$(VPY) launch/pretrain.py --config configs/cpu/clip_tiny.yaml run.name=demo schedule.steps=60 schedule.warmup_steps=5 engine.checkpoint_every=0
+
+# Default tier: fast CPU tests (minutes on 2 cores).
+test: setup
+	$(PYTEST) tests -m "not slow" -q --timeout 900
+
+test-slow: setup
+	$(PYTEST) tests -m "slow" -q --timeout 1800
+
+test-all: setup
+	$(PYTEST) tests -q --timeout 1800
+
+bench: setup
+	$(VPY) benchmarks/bench_train_step.py --config configs/cpu/clip_tiny.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Embedding analysis and figures."""

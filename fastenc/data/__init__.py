@@ -1,0 +1,34 @@
+"""Data: webdataset shards, synthetic study data, decoding/augmentation, tokenizer, and the torch loader.
+
+Importing this package needs only torch, numpy and Pillow; webdataset, braceexpand, sentencepiece and
+torchvision are imported when a function needs them.
+"""
+
+from fastenc.data.loader import build_loader
+from fastenc.data.shards import expand_shards
+from fastenc.data.synth import write_synthetic_shards
+from fastenc.data.tokenizer import Tokenizer, train_tokenizer
+from fastenc.data.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CaptionSample,
+    CorruptSample,
+    decode_caption,
+    decode_image,
+    image_transform,
+)
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "CaptionSample",
+    "CorruptSample",
+    "Tokenizer",
+    "build_loader",
+    "decode_caption",
+    "decode_image",
+    "expand_shards",
+    "image_transform",
+    "train_tokenizer",
+    "write_synthetic_shards",
+]

@@ -1,0 +1,110 @@
+"""Torch fallback for per-sample work: decode image and caption bytes, augment, tokenize.
+
+Everything here runs inside DataLoader workers (fastenc.data.loader), never in the training process. A sample
+that cannot be used raises `CorruptSample`; the loader skips and counts it instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image, ImageFile
+
+from fastenc.utils.optional import warn_once
+
+# open_clip's OPENAI_DATASET_MEAN / _STD: the normalization every CLIP-family checkpoint expects.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class CorruptSample(Exception):
+    """A sample that cannot be decoded or is incomplete; the message says why (and which key, when known)."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decode encoded image bytes into an RGB PIL image; raise CorruptSample on bad or truncated data."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone flipped Pillow's global switch: truncated JPEGs would then decode as grey-padded images.
+        warn_once("pil-load-truncated", "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images will not be "
+                  "detected as corrupt. Leave it False when training with fastenc.")
+    if not data:
+        raise CorruptSample("image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # Image.open only reads the header; decoding here is what catches truncation.
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA")  # palette transparency goes through RGBA without Pillow's warning
+        return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise CorruptSample(f"image is too large to decode safely ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL raises UnidentifiedImageError (an OSError) for non-images, OSError for truncated data.
+        raise CorruptSample(f"image cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def decode_caption(data: bytes) -> str:
+    """Decode caption bytes as strict UTF-8 and strip them; raise CorruptSample if not UTF-8 or empty."""
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptSample(f"caption is not UTF-8 (byte {e.start}: {e.reason})") from e
+    text = text.lstrip("\ufeff").strip()
+    if not text:
+        raise CorruptSample("caption is empty")
+    return text
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def image_transform(image_size: int, *, train: bool, scale=(0.9, 1.0), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """open_clip's image transform: PIL image -> normalized FloatTensor[3, image_size, image_size].
+
+    train: RandomResizedCrop(bicubic, `scale` area range); eval: Resize(shortest side, bicubic) + CenterCrop.
+    """
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:
+        geometry = [T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=bicubic, antialias=True)]
+    else:
+        geometry = [T.Resize(image_size, interpolation=bicubic, antialias=True), T.CenterCrop(image_size)]
+    return T.Compose([*geometry, _to_rgb, T.ToTensor(), T.Normalize(mean, std)])
+
+
+class CaptionSample:
+    """sample_fn for image-caption shards: raw webdataset sample dict -> {"image": [3,S,S] float, "text": [L] int64}.
+
+    Picklable (it is shipped to DataLoader workers) as long as `image_transform` and `tokenizer` are.
+    `tokenizer=None` returns only the image (for image-only objectives).
+    """
+
+    def __init__(self, image_transform, tokenizer=None):
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample: dict) -> dict:
+        key = sample.get("__key__", "?")
+        where = f"sample {key!r}" + (f" in {sample['__url__']}" if "__url__" in sample else "")
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            found = ", ".join("." + k for k in sample if not k.startswith("__")) or "nothing"
+            raise CorruptSample(f"{where} has no image (.jpg/.jpeg/.png/.webp); found: {found}")
+        try:
+            image = decode_image(sample[ext])
+            out = {"image": self.image_transform(image)}
+            if self.tokenizer is not None:
+                if "txt" not in sample:
+                    raise CorruptSample("missing caption (.txt)")
+                out["text"] = self.tokenizer(decode_caption(sample["txt"]))[0]
+        except CorruptSample as e:
+            raise CorruptSample(f"{where}: {e}") from e
+        return out
+
+    def __repr__(self):
+        return f"CaptionSample({self.image_transform!r}, {self.tokenizer!r})"
+

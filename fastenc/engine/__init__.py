@@ -1,0 +1,1 @@
+"""The training engine: DeepSpeed step, schedules, checkpoints, logging. Objective-agnostic."""

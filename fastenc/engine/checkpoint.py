@@ -1,0 +1,124 @@
+"""Checkpoints that are never half-written, resume, and export of the encoder as a timm-format safetensors file.
+
+Layout of a run dir:
+    checkpoints/step00000100/   DeepSpeed checkpoint (module, optimizer shards, scheduler, client state)
+    checkpoints/latest          tag of the newest complete checkpoint (written last, atomically)
+    export/encoder.safetensors  the vision encoder, timm parameter names, fp32
+    export/objective.safetensors every parameter of the objective (text tower, projections, ...), fp32
+
+A checkpoint is written under a temporary tag and renamed into place only after every rank finished writing,
+then `latest` is replaced atomically; a crash at any point leaves the previous checkpoint as `latest`.
+The checkpoint dir must be on a filesystem shared by all nodes (as DeepSpeed itself assumes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from fastenc.engine.distributed import barrier
+
+LATEST = "latest"
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_main: bool, keep: int = 2) -> str:
+    tag = _tag(step)
+    tmp_tag = f".tmp-{tag}"
+    if is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    barrier()  # every rank's shards are on disk
+    if is_main:
+        final = os.path.join(ckpt_dir, tag)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(os.path.join(ckpt_dir, tmp_tag), final)
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
+        tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and t != tag)
+        for old in tags[: max(len(tags) - (keep - 1), 0)] if keep > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
+    """Load the latest complete checkpoint into the engine; returns its client state, or None if there is none."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+    return client_state
+
+
+def fp32_state_dict(engine, ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the objective: from the module when it holds fp32 unpartitioned weights, else
+    reconstructed from the checkpoint's fp32 master shards (ZeRO >= 1 or bf16)."""
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def export_from_state_dict(state: dict[str, torch.Tensor], export_dir: str, cfg) -> dict[str, str]:
+    """Write encoder.safetensors (timm names: the `encoder.` prefix stripped) and objective.safetensors."""
+    from fastenc.config import config_to_yaml
+
+    meta = {"format": "pt", "model": cfg.model.name, "objective": cfg.objective.name,
+            "fastenc_config": config_to_yaml(cfg)}
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not enc:
+        raise RuntimeError("no `encoder.` parameters in the state dict: is this a fastenc objective checkpoint?")
+    paths = {"encoder": os.path.join(export_dir, "encoder.safetensors"),
+             "objective": os.path.join(export_dir, "objective.safetensors")}
+    save_safetensors(enc, paths["encoder"], meta)
+    save_safetensors(state, paths["objective"], meta)
+    with open(os.path.join(export_dir, "README.txt"), "w") as f:
+        f.write("encoder.safetensors loads with strict=True into "
+                f"timm.create_model('{cfg.model.name}', num_classes=0) (or fastenc.models.create_vit).\n"
+                + json.dumps({"img_size": cfg.model.img_size, "overrides": cfg.model.overrides}) + "\n")
+    return paths
+
+
+def load_encoder_state(path: str) -> dict[str, torch.Tensor]:
+    """Safe load of an exported encoder (safetensors: no pickle)."""
+    from safetensors.torch import load_file
+
+    return load_file(path)

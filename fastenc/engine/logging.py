@@ -1,0 +1,70 @@
+"""Run logging: metrics.jsonl (one JSON object per logged step), TensorBoard events, a tqdm bar on rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from fastenc.utils.optional import is_available, warn_once
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks get a logger whose methods do nothing."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, start_step: int = 0, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            if is_available("tensorboard"):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            else:
+                warn_once("tensorboard", "tensorboard is not installed: no event files (pip install tensorboard)")
+        from tqdm import tqdm
+
+        # Redraw at most every 2 s so non-terminal logs (CI, nohup) stay short.
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                         mininterval=2.0, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                  sps=f"{metrics.get('samples_per_s', 0):.0f}", refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

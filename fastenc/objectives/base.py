@@ -1,0 +1,70 @@
+"""The objective interface shared by CLIP, SigLIP, DINO and (later) the VLM stage.
+
+The trainer calls, in this order and nothing else:
+    Objective.prepare(cfg)            once, on local rank 0, before any rank builds the module (tokenizers, ...)
+    obj = Objective(cfg)              on every rank
+    obj.sample_fn(train=True)         per-sample decode/augment callable run in DataLoader workers
+    loss, metrics = obj(batch)        batch: dict of tensors on the device (see each objective for keys)
+    obj.on_step_end(step)             after each optimizer step (EMA teachers, centers, ...)
+`obj.encoder` is the shared ViT that gets exported; `no_weight_decay()` names parameters exempt from decay.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+def build_encoder(model_cfg) -> nn.Module:
+    """The one vision encoder, from the `model:` section (identical for every objective)."""
+    from fastenc.models import create_vit
+
+    kwargs = dict(model_cfg.overrides)
+    if model_cfg.img_size is not None:
+        kwargs["img_size"] = model_cfg.img_size
+    return create_vit(
+        model_cfg.name,
+        global_pool=model_cfg.global_pool,
+        drop_path_rate=model_cfg.drop_path_rate,
+        attn_impl=model_cfg.attn_impl,
+        grad_checkpointing=model_cfg.grad_checkpointing,
+        **kwargs,
+    )
+
+
+class Objective(nn.Module):
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.model)
+
+    @classmethod
+    def prepare(cls, cfg) -> None:
+        """One-time preparation of on-disk assets (runs on local rank 0 before construction)."""
+
+    def sample_fn(self, train: bool = True) -> Callable:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def on_step_end(self, step: int) -> None:
+        """Hook after each optimizer step; default does nothing."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names exempt from weight decay besides biases and norm weights (1-D params)."""
+        names = set()
+        for prefix, module in self.named_modules():
+            if module is not self and hasattr(module, "no_weight_decay"):
+                names |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
+        return names
+
+    @property
+    def image_size(self) -> int:
+        size = self.encoder.patch_embed.img_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)

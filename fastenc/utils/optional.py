@@ -1,0 +1,57 @@
+"""Optional dependencies: probe once, import lazily, explain what to install when something is missing.
+
+Policy (ARCHITECTURE.md, principle 4): a fast path chosen automatically that is unavailable falls back with one
+warning (`warn_once`); a fast path the user asked for explicitly raises `MissingDependency` with the install hint.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import warnings
+
+_INSTALL_HINTS = {
+    "flash_attn": "pip install flash-attn (needs a CUDA toolchain); or set model.attn_impl=sdpa",
+    "deepspeed": "pip install deepspeed==0.19.8 (or `make setup`)",
+    "triton": "triton ships with the CUDA build of torch; or pick impl='reference'",
+    "nvidia.dali": "pip install nvidia-dali-cuda130; or set data.backend=torch",
+    "sentencepiece": "pip install sentencepiece (or `make setup`)",
+    "tensorboard": "pip install tensorboard (or `make setup`)",
+    "matplotlib": "pip install matplotlib (or `make setup`)",
+    "open_clip": "pip install open_clip_torch (benchmark environment only)",
+    "webdataset": "pip install webdataset (or `make setup`)",
+}
+
+
+class MissingDependency(ImportError):
+    """An optional dependency that the requested feature needs is not installed."""
+
+
+@functools.lru_cache(maxsize=None)
+def is_available(module: str) -> bool:
+    """True if `module` can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(module: str, feature: str = ""):
+    """Import and return `module`, or raise MissingDependency naming the feature and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        hint = _INSTALL_HINTS.get(module, f"pip install {module}")
+        what = f" for {feature}" if feature else ""
+        raise MissingDependency(f"'{module}' is required{what} but could not be imported ({e}). Install: {hint}") from e
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit `message` as a UserWarning the first time `key` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)

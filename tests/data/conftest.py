@@ -1,0 +1,49 @@
+"""Fixtures shared by the data tests: one small synthetic shard set and one tokenizer per session."""
+
+import io
+import os
+import tarfile
+
+import pytest
+
+NUM_SYNTH = 240
+SYNTH_PER_SHARD = 40  # 6 shards: enough for 2 ranks x 2 workers without resampling
+
+
+def write_tar(path, files):
+    """Write a tar of (name, bytes) pairs, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    from fastenc.data.synth import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic_shards(out, NUM_SYNTH, samples_per_shard=SYNTH_PER_SHARD, seed=0, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(synth_dir, tmp_path_factory):
+    from fastenc.data.tokenizer import train_tokenizer
+
+    prefix = os.path.join(str(tmp_path_factory.mktemp("tok")), "captions")
+    return train_tokenizer(synth_dir, prefix, vocab_size=64)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The data tier must stay fast even when run without `-m "not slow"`: slow data tests run only when the
+    # marker expression asks for them (`-m slow`, as `make test-slow` does).
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow data test: run with -m slow")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if "slow" in item.keywords and str(item.fspath).startswith(here + os.sep):
+            item.add_marker(skip)

@@ -1,0 +1,107 @@
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from fastenc.data.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CaptionSample,
+    CorruptSample,
+    decode_caption,
+    decode_image,
+    image_transform,
+)
+
+
+def _jpeg(size=(80, 60), seed=0):
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_decode_image_roundtrip_and_modes():
+    img = decode_image(_jpeg())
+    assert img.mode == "RGB" and img.size == (80, 60)
+    for mode in ("L", "P", "RGBA"):
+        buf = io.BytesIO()
+        Image.new(mode, (8, 8)).save(buf, format="PNG")
+        assert decode_image(buf.getvalue()).mode == "RGB"
+
+
+def test_corrupt_images_raise_with_reason():
+    import fastenc.data  # noqa: F401  importing fastenc must not relax Pillow's truncation check
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    jpg = _jpeg()
+    with pytest.raises(CorruptSample, match="cannot be decoded.*truncated"):
+        decode_image(jpg[: len(jpg) // 2])
+    with pytest.raises(CorruptSample, match="cannot be decoded"):
+        decode_image(b"this is not an image at all")
+    with pytest.raises(CorruptSample, match="empty"):
+        decode_image(b"")
+
+
+def test_decode_caption():
+    assert decode_caption("  a red star \n".encode()) == "a red star"
+    assert decode_caption("ein Bär über 日本".encode()) == "ein Bär über 日本"
+    with pytest.raises(CorruptSample, match="caption is not UTF-8"):
+        decode_caption("café".encode("latin-1"))
+    with pytest.raises(CorruptSample, match="caption is empty"):
+        decode_caption(b" \n\t")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_image_transform_shapes_and_normalization(train):
+    tf = image_transform(32, train=train)
+    x = tf(decode_image(_jpeg((80, 60))))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    low, high = (0 - mean) / std, (1 - mean) / std
+    assert (x >= low - 1e-5).all() and (x <= high + 1e-5).all()
+    # A constant image maps to exactly (value - mean) / std.
+    white = tf(Image.new("RGB", (50, 70), (255, 255, 255)))
+    torch.testing.assert_close(white, high.expand(3, 32, 32))
+
+
+def test_train_transform_is_random_and_eval_is_not():
+    img = decode_image(_jpeg((96, 96)))
+    train, evaluate = image_transform(32, train=True, scale=(0.3, 1.0)), image_transform(32, train=False)
+    assert not torch.equal(train(img), train(img))
+    assert torch.equal(evaluate(img), evaluate(img))
+
+
+class _CharTokenizer:
+    """Stand-in tokenizer: one id per byte, so CaptionSample can be tested without sentencepiece."""
+
+    def __call__(self, text):
+        ids = list(text.encode())[:7] + [3]
+        return torch.tensor([ids + [0] * (8 - len(ids))])
+
+
+def test_caption_sample_and_missing_parts():
+    fn = CaptionSample(image_transform(16, train=False), _CharTokenizer())
+    out = fn({"__key__": "000000001", "jpg": _jpeg(), "txt": b"a red star"})
+    assert out["image"].shape == (3, 16, 16) and out["text"].shape == (8,) and out["text"].dtype == torch.long
+    assert fn({"__key__": "k", "png": _png(), "txt": b"x"})["image"].shape == (3, 16, 16)
+    with pytest.raises(CorruptSample, match=r"'000000002'.*no image .*found: \.txt"):
+        fn({"__key__": "000000002", "txt": b"a caption"})
+    with pytest.raises(CorruptSample, match=r"'000000003'.*missing caption \(\.txt\)"):
+        fn({"__key__": "000000003", "jpg": _jpeg()})
+    with pytest.raises(CorruptSample, match=r"'000000004'.*not UTF-8"):
+        fn({"__key__": "000000004", "jpg": _jpeg(), "txt": b"\xff\xfe"})
+    image_only = CaptionSample(image_transform(16, train=False))
+    assert set(image_only({"jpg": _jpeg()})) == {"image"}
+    clone = pickle.loads(pickle.dumps(fn))
+    assert torch.equal(clone({"jpg": _jpeg(), "txt": b"abc"})["text"], fn({"jpg": _jpeg(), "txt": b"abc"})["text"])
+
+
+def _png():
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
