@@ -36,7 +36,7 @@ test-slow: setup
 	$(PYTEST) tests -m "slow" -q --timeout 1800
 
 test-all: setup
-	$(PYTEST) tests -q --timeout 1800
+	$(PYTEST) tests -m "slow or not slow" -q --timeout 1800
 
 bench: setup
 	$(VPY) benchmarks/bench_train_step.py --config configs/cpu/clip_tiny.yaml

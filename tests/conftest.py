@@ -20,11 +20,17 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
+    # A plain `pytest tests` stays in the fast tier: slow tests run only when the marker expression names them
+    # (`-m slow`, as `make test-slow` does, or `-m "slow or not slow"`).
+    run_slow = "slow" in (config.getoption("-m") or "") and "not slow" not in (config.getoption("-m") or "")
+    run_slow = run_slow or "slow or" in (config.getoption("-m") or "")
+    skip_slow = pytest.mark.skip(reason="slow test: run with -m slow (make test-slow)")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    has_cuda = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
 
 

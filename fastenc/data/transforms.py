@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 
-import torch
 from PIL import Image, ImageFile
 
 from fastenc.utils.optional import warn_once

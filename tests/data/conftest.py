@@ -35,15 +35,3 @@ def tokenizer_model(synth_dir, tmp_path_factory):
 
     prefix = os.path.join(str(tmp_path_factory.mktemp("tok")), "captions")
     return train_tokenizer(synth_dir, prefix, vocab_size=64)
-
-
-def pytest_collection_modifyitems(config, items):
-    # The data tier must stay fast even when run without `-m "not slow"`: slow data tests run only when the
-    # marker expression asks for them (`-m slow`, as `make test-slow` does).
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow data test: run with -m slow")
-    here = os.path.dirname(os.path.abspath(__file__))
-    for item in items:
-        if "slow" in item.keywords and str(item.fspath).startswith(here + os.sep):
-            item.add_marker(skip)

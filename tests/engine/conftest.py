@@ -2,9 +2,15 @@
 
 import io
 import os
+import pickle
 import tarfile
+import tempfile
+import traceback
 
 import pytest
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = [
     "model.name=vit_test",
@@ -69,3 +75,47 @@ def corrupt_shard(tiny_data):
 def tiny_overrides(tiny_data, tmp_path, *extra):
     return TINY + [f"data.train_shards={tiny_data['shards']}", f"objective.tokenizer={tiny_data['tokenizer']}",
                    f"run.output_dir={tmp_path}", *extra]
+
+
+def _train_child(recipe, overrides, kwargs, out):
+    try:
+        from fastenc.config import load_config
+        from fastenc.engine.trainer import train
+
+        res = train(load_config(os.path.join(ROOT, recipe), overrides), **kwargs)
+        with open(out, "wb") as f:
+            pickle.dump(res, f)
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        with open(out + ".err", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+_CTX = None
+
+
+def _context():
+    # forkserver: children fork from a clean server that imported the trainer once (cheap), never from the pytest
+    # process, whose OpenMP pool (after any torch op) would deadlock a plain fork child.
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["fastenc.engine.trainer", "deepspeed"])
+    return _CTX
+
+
+def train_isolated(recipe, overrides, timeout=600, **kwargs):
+    """Run fastenc's trainer in a child process: the process group, DeepSpeed's global state and the env vars a
+    world-of-one run sets stay out of the pytest process (other tests fork gloo ranks of their own)."""
+    out = tempfile.mktemp(suffix=".pkl")
+    proc = _context().Process(target=_train_child, args=(recipe, list(overrides), kwargs, out))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        raise AssertionError(f"training did not finish within {timeout} s")
+    if os.path.exists(out + ".err"):
+        raise AssertionError("training failed in the child process:\n" + open(out + ".err").read())
+    assert proc.exitcode == 0, f"training child exited with {proc.exitcode}"
+    with open(out, "rb") as f:
+        return pickle.load(f)

@@ -1,7 +1,6 @@
 """End-to-end training through the engine: each objective learns, resume continues, corrupt samples are counted,
 and the real launchers (deepspeed, torchrun) run 2 gloo ranks under ZeRO-2 and ZeRO-3."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,19 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from fastenc.config import load_config
 from fastenc.engine.distributed import free_port
 from fastenc.engine.logging import read_metrics
-from tests.engine.conftest import tiny_overrides
+from tests.engine.conftest import ROOT, tiny_overrides, train_isolated
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = {"clip": "configs/cpu/clip_tiny.yaml", "siglip": "configs/cpu/siglip_tiny.yaml"}
-
-
-def _train(recipe, overrides, **kw):
-    from fastenc.engine.trainer import train
-
-    return train(load_config(os.path.join(ROOT, recipe), overrides), **kw)
+_train = train_isolated
 
 
 @pytest.mark.parametrize("objective", ["clip", "siglip"])
