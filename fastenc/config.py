@@ -324,6 +324,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("schedule.warmup_steps must lie in [0, schedule.steps]")
     if cfg.engine.micro_batch_size is not None and cfg.engine.micro_batch_size <= 0:
         raise ConfigError("engine.micro_batch_size must be positive or null")
+    if cfg.engine.precision == "bf16" and cfg.engine.zero_stage == 0:
+        raise ConfigError(
+            "engine.precision=bf16 needs engine.zero_stage >= 1: only DeepSpeed's ZeRO optimizers keep fp32 master "
+            "weights with fp32 gradient accumulation (ZeRO-1 costs nothing extra on one device)")
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards is empty: point it at webdataset shards (dir, brace pattern or list)")
 

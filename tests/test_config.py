@@ -46,11 +46,12 @@ def test_overrides_typed_and_applied():
         ("modle.name=x", "unknown config key 'modle'; did you mean 'model'"),
         ("schedule.warmup_steps=100000", "warmup_steps must lie in"),
         ("optim.lr", "must look like section.key=value"),
+        ("engine.precision=bf16 engine.zero_stage=0", "bf16 needs engine.zero_stage >= 1"),
     ],
 )
 def test_config_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(RECIPES[0], [override])
+        load_config(RECIPES[0], override.split(" "))
     assert needle in str(e.value)
 
 

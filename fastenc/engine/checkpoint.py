@@ -78,14 +78,25 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
     return client_state
 
 
-def fp32_state_dict(engine, ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the objective: from the module when it holds fp32 unpartitioned weights, else
-    reconstructed from the checkpoint's fp32 master shards (ZeRO >= 1 or bf16)."""
-    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the objective from the live engine, on every rank (a collective under ZeRO-3).
 
-    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    Parameters come from DeepSpeed's fp32 master copies wherever it keeps them (ZeRO-1/2/3, bf16), gathered from
+    their partitions; so a bf16 run exports its master weights, not bf16-rounded ones. Buffers come from the
+    module as they are.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None where DeepSpeed keeps no separate master (ZeRO-0 fp32)
+        out[name] = (p if full is None else full).detach().float().cpu().clone()
+    persistent = set(module.state_dict(keep_vars=True))  # buffers state_dict would save (non-persistent ones not)
+    for name, b in module.named_buffers():
+        if name in persistent:
+            out[name] = b.detach().cpu().clone()
+    return out
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:

@@ -20,7 +20,6 @@ from fastenc.engine.checkpoint import (
     atomic_write_text,
     export_from_state_dict,
     fp32_state_dict,
-    latest_tag,
     load_checkpoint,
     save_checkpoint,
 )
@@ -233,8 +232,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
 
     export_paths: dict = {}
     if export and end_step > start_step:
-        tag = latest_tag(ckpt_dir)
-        state = fp32_state_dict(engine, ckpt_dir, tag) if dist.is_main or engine.zero_optimization_stage() == 0 else None
+        state = fp32_state_dict(engine)  # every rank: a gather under ZeRO-3
         if dist.is_main:
             export_paths = export_from_state_dict(state, os.path.join(run_dir, "export"), cfg)
         barrier()

@@ -66,5 +66,4 @@ class Objective(nn.Module):
 
     @property
     def image_size(self) -> int:
-        size = self.encoder.patch_embed.img_size
-        return size[0] if isinstance(size, (tuple, list)) else int(size)
+        return int(self.encoder.img_size)
