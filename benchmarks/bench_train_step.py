@@ -52,7 +52,9 @@ FASTENC_NOTE = ("fastenc: real trainer, webdataset shards of 64 px JPEGs decoded
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="fastenc recipe (configs/cpu/clip_tiny.yaml, ...)")
+    p.add_argument("--config", help="fastenc recipe (configs/cpu/clip_tiny.yaml, ...)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the latest rows of --out as a markdown table (for benchmarks/README.md) and exit")
     p.add_argument("--steps", type=int, default=20, help="measured steps (after warmup)")
     p.add_argument("--warmup", type=int, default=5, help="steps run and dropped first (loader start, allocator)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
@@ -72,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--wait-idle", type=float, default=600.0,
                    help="before each measurement, wait up to this many seconds for other processes to use < 0.3 "
                         "cores (0 = do not wait)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="re-run a measurement (after waiting for idle) when other processes used > 0.25 cores "
+                        "during it; the last try is kept either way")
     p.add_argument("--keep", action="store_true", help="keep the temporary run dirs (printed)")
     p.add_argument("--note", default="", help="free text appended to the rows' note")
     p.add_argument("overrides", nargs="*", help="fastenc dotted overrides (section.key=value)")
@@ -180,8 +185,10 @@ def measure_fastenc(args, cfg) -> tuple[list[dict], dict]:
         cfg.run.output_dir = tmp
         torch.set_num_threads(args.threads)
         idle_before = harness.wait_for_idle(args.wait_idle) if args.wait_idle > 0 else float("nan")
+        harness.reset_peak_rss()  # this process also prepared the data; count the training run only
         with harness.CpuMonitor() as mon:
             result = train(cfg, max_steps=total, export=False, plot=False)
+        peak_rss_mb = harness.peak_rss_mb()  # the training process, loader workers excluded
         steps = [r for r in read_metrics(result.metrics_path) if r["step"] > args.warmup]
     finally:
         if args.keep:
@@ -190,7 +197,7 @@ def measure_fastenc(args, cfg) -> tuple[list[dict], dict]:
             shutil.rmtree(tmp, ignore_errors=True)
     if len(steps) != args.steps:
         raise RuntimeError(f"expected {args.steps} measured rows in metrics.jsonl, got {len(steps)}")
-    return steps, {**mon.fields(), "busy_cores_before": idle_before}
+    return steps, {**mon.fields(), "busy_cores_before": idle_before, "peak_rss_mb": peak_rss_mb}
 
 
 def fastenc_row(args, cfg, recipe: str, runs: list[tuple[list[dict], dict]]) -> dict:
@@ -244,6 +251,7 @@ def step_stats(cfg, runs: list[tuple[list[dict], dict]], data_key: str, warmup: 
         "own_cpu_cores": harness.median([m["own_cpu_cores"] for m in mons]),
         "foreign_cpu_cores": max(m["foreign_cpu_cores"] for m in mons),
         "busy_cores_before": max(m["busy_cores_before"] for m in mons),
+        "peak_rss_mb": max(m["peak_rss_mb"] for m in mons),
         "wall_s": sum(m["wall_s"] for m in mons),
     }
 
@@ -301,7 +309,8 @@ def measure_open_clip(args, cfg, recipe: str, data: str) -> tuple[list[dict] | N
     vocab = Tokenizer(cfg.objective.tokenizer, 8).vocab_size
     total = args.warmup + args.steps
     tmp = tempfile.mkdtemp(prefix=f"bench_open_clip_{recipe}_")
-    model_json = os.path.join(tmp, f"fastenc_bench_{recipe}.json")
+    # A neutral model name: open_clip picks tokenizers (and losses) by sniffing names for "siglip", "coca", ...
+    model_json = os.path.join(tmp, "fastenc_bench_towers.json")
     with open(model_json, "w") as f:
         json.dump(open_clip_model_config(tower_dims(cfg), vocab), f, indent=1)
     cmd = open_clip_command(args, cfg, model_json, tmp, data)
@@ -318,11 +327,13 @@ def measure_open_clip(args, cfg, recipe: str, data: str) -> tuple[list[dict] | N
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     steps = parse_open_clip_log(log_text, cfg.data.batch_size)
-    fields = {**mon.fields(), "busy_cores_before": idle_before}
+    m = re.search(r"open_clip_peer: peak rss ([0-9.]+) MiB", log_text)
+    fields = {**mon.fields(), "busy_cores_before": idle_before, "peak_rss_mb": float(m[1]) if m else float("nan")}
     if proc.returncode != 0 or len(steps) < total:
         errors = [line.strip() for line in log_text.splitlines() if re.match(r"\s*\w+(Error|Exception)\b", line)]
         tail = errors[-1] if errors else " | ".join(line.strip() for line in log_text.strip().splitlines()[-3:])
         fields["failure"] = f"failed: open_clip_train exit {proc.returncode}, {len(steps)}/{total} step lines; {tail}"
+        print("\n".join(log_text.splitlines()[-40:]), file=sys.stderr)
         print(fields["failure"], file=sys.stderr)
         return None, fields, log_text
     return steps[args.warmup:total], fields, log_text
@@ -359,7 +370,8 @@ def plot(csv_path: str, png_path: str) -> str | None:
         csv_path, png_path, where=ok, label=lambda r: f"{r['impl']}\n{r['recipe']}\n{r.get('data') or ''} data",
         panels=[
             {"y": "samples_per_s_median", "err": ("samples_per_s_p10", "samples_per_s_p90"),
-             "ylabel": "samples / s (median, p10-p90)", "title": "training throughput, batch 128, fp32, 1 process"},
+             "ylabel": "samples / s (median, p10-p90 of steps)", "title": "training throughput, 1 process",
+             "color": lambda r: "tab:blue" if r.get("impl") == "fastenc" else "tab:orange"},
             {"stack": ["data_wait_median", "forward_median", "backward_median", "optim_step_median", "other_median"],
              "stack_labels": ["data wait", "forward", "backward", "optimizer step", "other"],
              "total": "step_time_median", "ylabel": "seconds / step (medians)",
@@ -374,7 +386,8 @@ def summarize(rows: list[dict]) -> None:
                                "samples_per_s_p10", "samples_per_s_p90", "samples_per_s_per_repeat",
                                "step_time_median", "data_wait_median", "forward_median", "backward_median",
                                "optim_step_median", "other_median", "samples_per_s_excl_data"])
-    harness.print_table(rows, ["impl", "data", "threads", "num_params", "busy_cores_before", "foreign_cpu_cores",
+    harness.print_table(rows, ["impl", "data", "threads", "num_params", "peak_rss_mb", "busy_cores_before",
+                               "foreign_cpu_cores",
                                "own_cpu_cores", "load1_start", "load1_end", "load1_max", "wall_s"])
     ok = [r for r in rows if r.get("status") == "ok"]
     for r in rows:
@@ -395,13 +408,58 @@ def summarize(rows: list[dict]) -> None:
               f"{fe['samples_per_s_excl_data'] / oc['samples_per_s_excl_data']:.3f}"
               + (f"; per repeat: {' '.join(f'{x:.3f}' for x in per_rep)}" if len(per_rep) > 1 else ""))
     for r in rows:
-        if r.get("foreign_cpu_cores", 0) > 0.25:  # NaN compares False
+        if r.get("foreign_cpu_cores", 0) > BUSY_CORES:  # NaN compares False
             print(f"  WARNING: other processes used up to {r['foreign_cpu_cores']:.2f} cores during the {r['impl']} "
                   "runs: timings are not clean, measure again on an idle machine")
 
 
+def markdown_table(csv_path: str) -> str:
+    """The latest ok row per (impl, recipe, data) as a markdown table, with the ratio to fastenc's row."""
+    rows = [r for r in harness.read_rows(csv_path) if r.get("status") == "ok"]
+    rows = harness.latest_by(rows, lambda r: (r["recipe"], r["impl"], r.get("data", "")))
+    fe = {r["recipe"]: float(r["samples_per_s_median"]) for r in rows if r["impl"] == "fastenc"}
+
+    def f(r, k, fmt="{:.2f}"):
+        return fmt.format(float(r[k])) if r.get(k) not in (None, "") else "-"
+
+    lines = ["| recipe | impl | data | samples/s median (p10-p90) | per repeat | fastenc / this | step s | data wait s "
+             "| fwd s | bwd s | optim s | steps | other procs (cores) | date (UTC) | git |",
+             "|" + " --- |" * 15]
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["impl"] != "fastenc", r.get("data", ""))):
+        ratio = fe.get(r["recipe"], float("nan")) / float(r["samples_per_s_median"])
+        lines.append(
+            f"| {r['recipe']} | {r['impl']} | {r.get('data', '')} | {f(r, 'samples_per_s_median', '{:.1f}')} "
+            f"({f(r, 'samples_per_s_p10', '{:.1f}')}-{f(r, 'samples_per_s_p90', '{:.1f}')}) "
+            f"| {r.get('samples_per_s_per_repeat', '').replace(';', ', ')} | {ratio:.3f} | {f(r, 'step_time_median')} "
+            f"| {f(r, 'data_wait_median', '{:.3f}')} | {f(r, 'forward_median')} | {f(r, 'backward_median')} "
+            f"| {f(r, 'optim_step_median', '{:.3f}')} | {r['steps_measured']} ({r.get('repeats', '1')} x) "
+            f"| {f(r, 'foreign_cpu_cores', '{:.2f}')} | {r['timestamp'][:16].replace('T', ' ')} | {r['git_rev']} |")
+    return "\n".join(lines)
+
+
+BUSY_CORES = 0.25  # other processes' CPU use above which a measurement is not clean (2-core machine)
+
+
+def with_retries(args, what: str, measure):
+    """Run measure() (returning a tuple whose second item holds the CpuMonitor fields) until no other process
+    used more than BUSY_CORES meanwhile, at most 1 + args.retries times."""
+    for attempt in range(args.retries + 1):
+        print(f"== {what}" + (f" (retry {attempt})" if attempt else ""), flush=True)
+        result = measure()
+        foreign = result[1].get("foreign_cpu_cores", float("nan"))
+        if not foreign > BUSY_CORES:  # NaN (no /proc) counts as clean
+            return result
+        print(f"   other processes used {foreign:.2f} cores during this run", flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown_table(args.out))
+        return 0
+    if not args.config:
+        raise SystemExit("--config is required (or --markdown)")
     # Thread budget before torch is imported (OpenMP reads it once); the peer gets the same through its env.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     os.chdir(harness.REPO_ROOT)  # recipes' relative paths (data/, runs/) resolve as with `make demo`
@@ -426,13 +484,14 @@ def main(argv=None) -> int:
     # Repeats alternate the implementations, so slow drifts of a shared machine hit all of them alike.
     for rep in range(args.repeats):
         if args.fastenc:
-            print(f"== fastenc {recipe}, repeat {rep + 1}/{args.repeats}", flush=True)
-            fe_runs.append(measure_fastenc(args, cfg))
+            fe_runs.append(with_retries(args, f"fastenc {recipe}, repeat {rep + 1}/{args.repeats}",
+                                        lambda: measure_fastenc(args, cfg)))
         for data in peer_data:
             if data in oc_failure:
                 continue
-            print(f"== open_clip ({data} data) {recipe}, repeat {rep + 1}/{args.repeats}", flush=True)
-            steps, fields, oc_log[data] = measure_open_clip(args, cfg, recipe, data)
+            steps, fields, oc_log[data] = with_retries(
+                args, f"open_clip ({data} data) {recipe}, repeat {rep + 1}/{args.repeats}",
+                lambda: measure_open_clip(args, cfg, recipe, data))
             if steps is None:
                 oc_failure[data] = fields["failure"]
             else:

@@ -275,6 +275,30 @@ class CpuMonitor:
                 "foreign_cpu_cores": self.foreign_cores, "wall_s": self.wall_s}
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark in MiB (VmHWM; NaN where /proc is missing).
+
+    Not getrusage's ru_maxrss: that survives execve, so a subprocess spawned by a big parent reports the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # plots
 
@@ -301,7 +325,7 @@ def plot_from_csv(csv_path: str, out_path: str, panels: list[dict], where: Calla
     panels: dicts with
       "y": column of bar heights, optional "err": (low column, high column) drawn as an error bar; or
       "stack": [columns] for stacked bars (with "stack_labels"), optional "total": a column drawn as a marker;
-      "ylabel", "title", optional "where": a row filter for this panel only.
+      "ylabel", "title", optional "where": a row filter for this panel only, optional "color": row -> color.
     label(row) names a bar (default: impl/recipe). Returns out_path, or None if no row matched.
     """
     import matplotlib
@@ -328,7 +352,7 @@ def plot_from_csv(csv_path: str, out_path: str, panels: list[dict], where: Calla
                 bottom = [b + v for b, v in zip(bottom, vals)]
             if panel.get("total"):
                 ax.plot(xs, [_float(r.get(panel["total"])) for r in prow], "k_", markersize=30, label="step (median)")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         else:
             ys = [_float(r.get(panel["y"])) for r in prow]
             yerr = None
@@ -336,7 +360,8 @@ def plot_from_csv(csv_path: str, out_path: str, panels: list[dict], where: Calla
                 lo = [y - _float(r.get(panel["err"][0])) for y, r in zip(ys, prow)]
                 hi = [_float(r.get(panel["err"][1])) - y for y, r in zip(ys, prow)]
                 yerr = [[max(0.0, v) for v in lo], [max(0.0, v) for v in hi]]
-            bars = ax.bar(xs, ys, yerr=yerr, capsize=4, width=0.6, color="tab:blue")
+            colors = [panel["color"](r) for r in prow] if panel.get("color") else "tab:blue"
+            bars = ax.bar(xs, ys, yerr=yerr, capsize=4, width=0.6, color=colors)
             ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], padding=3, fontsize=8)
         ax.set_xticks(xs, names, fontsize=8)
         ax.set_ylabel(panel.get("ylabel", ""))

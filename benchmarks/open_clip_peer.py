@@ -3,10 +3,12 @@
     python benchmarks/open_clip_peer.py --model-config PATH.json [--vocab-size N] -- <open_clip_train.main args>
 
 The JSON is registered with open_clip.add_model_config and its file stem becomes the `--model` name. Nothing of
-open_clip's training loop is changed; the one adaptation is the tokenizer, because open_clip only knows its own
-49408-token BPE vocabulary while the fastenc recipes it is compared with use a 1000-token one. A 49408 x 256 token
-embedding would add 12.4 M parameters (more than both towers together) to the optimizer step, so the peer keeps
-fastenc's vocabulary size and folds the BPE ids into it: SOT/EOT map to the two largest ids, so that open_clip's
+open_clip's training loop is changed. Three adaptations, each announced on stdout:
+
+The tokenizer: open_clip only knows its own 49408-token BPE vocabulary, while the fastenc CPU recipes train a
+small sentencepiece one (vocab_size 1000 requested; the synthetic captions yield about 100 pieces). A 49408 x 256
+token embedding would add 12.6 M parameters (more than both towers together) to the optimizer step, so the peer
+keeps fastenc's vocabulary size and folds the BPE ids into it: SOT/EOT map to the two largest ids, so that open_clip's
 argmax pooling still lands on the EOT token, and every other id to id % (vocab - 2). The compute per step is then
 exactly that of a tokenizer with this vocabulary; the captions' meaning is irrelevant to a speed measurement.
 
@@ -24,7 +26,11 @@ the marker only keeps samples of two shards from merging, which cannot happen wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 
 def folded_tokenizer(tokenizer, vocab_size: int):
@@ -108,6 +114,7 @@ def main(argv: list[str]) -> int:
     if vocab < 49408:
         real_get_tokenizer = oc_main.get_tokenizer
         oc_main.get_tokenizer = lambda *a, **k: folded_tokenizer(real_get_tokenizer(*a, **k), vocab)
+        print(f"open_clip_peer: token ids folded into a vocabulary of {vocab}", flush=True)
     # The parent reads these lines to record the peer's real settings (thread count, parameter count).
     print(f"open_clip_peer: torch threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}",
           flush=True)
@@ -119,7 +126,11 @@ def main(argv: list[str]) -> int:
         return model, pre_train, pre_val
 
     oc_main.create_model_and_transforms = create_and_count
-    return oc_main.main(train_argv) or 0
+    try:
+        return oc_main.main(train_argv) or 0
+    finally:
+        # Peak resident memory of this training process (loader workers excluded).
+        print(f"open_clip_peer: peak rss {harness.peak_rss_mb():.1f} MiB", flush=True)
 
 
 if __name__ == "__main__":

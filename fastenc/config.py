@@ -134,6 +134,8 @@ class EngineConfig:
     """Most recent checkpoints kept on disk."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""
+    compile: bool = False
+    """torch.compile each transformer block (inductor); the first step pays the compile. Not with ZeRO-3."""
     detailed_timing: bool = False
     """Synchronize the device around forward/backward/step on logging steps for an exact breakdown."""
 
@@ -328,6 +330,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "engine.precision=bf16 needs engine.zero_stage >= 1: only DeepSpeed's ZeRO optimizers keep fp32 master "
             "weights with fp32 gradient accumulation (ZeRO-1 costs nothing extra on one device)")
+    if cfg.engine.compile and cfg.engine.zero_stage == 3:
+        raise ConfigError("engine.compile=true is not supported with engine.zero_stage=3 (ZeRO-3's parameter "
+                          "gathering hooks would run inside compiled blocks); use ZeRO-2 or compile=false")
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards is empty: point it at webdataset shards (dir, brace pattern or list)")
 

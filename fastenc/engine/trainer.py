@@ -106,6 +106,10 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
 
     torch.manual_seed(cfg.run.seed)
     objective = build_objective(cfg)
+    if cfg.engine.compile:
+        from fastenc.models.layers.block import compile_blocks
+
+        compile_blocks(objective)
     micro, accum = batch_layout(cfg, dist.world_size)
     optimizer = build_optimizer(objective, cfg.optim, objective.no_weight_decay())
     lr_table = warmup_cosine(cfg.optim.lr, cfg.schedule.steps, cfg.schedule.warmup_steps,

@@ -43,3 +43,17 @@ def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.
     if use_checkpoint:
         return checkpoint(block, x, use_reentrant=False)
     return block(x)
+
+
+def compile_blocks(root: nn.Module, **compile_kwargs) -> int:
+    """torch.compile every transformer Block under `root` in place; returns how many.
+
+    Block granularity keeps parameter names (state_dicts, timm interop, DeepSpeed checkpoints are unchanged), gives
+    inductor the fusions that matter (LayerNorm, GELU, residual adds around the matmuls) and compiles the code once
+    for all blocks of one shape. The eager Block is the reference twin (tests/models/test_compile.py). The first
+    step pays the compile (about a minute for the CPU recipe on 2 cores).
+    """
+    blocks = [m for m in root.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
