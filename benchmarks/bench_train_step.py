@@ -1,21 +1,26 @@
 """Training-step throughput of fastenc's real trainer, against open_clip's own trainer on a model of identical size.
 
     python benchmarks/bench_train_step.py --config configs/cpu/clip_tiny.yaml [--steps 20] [--warmup 5]
-        [--peer/--no-peer] [--threads 2] [--out benchmarks/results/train_step.csv] [section.key=value ...]
+        [--peer/--no-peer] [--peer-data synthetic|shards|both] [--repeats N] [--threads 2]
+        [--out benchmarks/results/train_step.csv] [section.key=value ...]
+    python benchmarks/bench_train_step.py --markdown      # latest rows as the table in benchmarks/README.md
 
 fastenc: `fastenc.engine.trainer.train` runs in this process (DeepSpeed engine, webdataset loader decoding the
 recipe's JPEG shards, the objective, AdamW) with engine.log_every=1 and engine.detailed_timing=true, so its
 metrics.jsonl holds one row per step: step time, data wait, forward, backward and optimizer-step time. Synthetic
 shards and the tokenizer are prepared before the clock starts (under benchmarks/.cache/ unless --data-root '').
 
-open_clip: `python -m open_clip_train.main` (through benchmarks/open_clip_peer.py, which registers the model
-config JSON) in a subprocess with the same towers, global batch, precision, thread budget, one process and one
-loader worker; its per-step "Data (t) ... Batch (t) ..." log lines give step and data time. Its data is
-`--dataset-type synthetic`: one constant PIL image through open_clip's train transforms, no JPEG decode.
+open_clip: `open_clip_train.main` (through benchmarks/open_clip_peer.py, which registers the model config JSON) in
+a subprocess with the same towers, global batch, precision, thread budget, one process and one loader worker; its
+per-step "Data (t) ... Batch (t) ..." log lines give step and data time. Its data (--peer-data): its synthetic
+dataset (one constant PIL image through its train transforms, no JPEG decode) and/or the same JPEG shards as
+fastenc through its webdataset pipeline.
 
-Both: the first --warmup steps are dropped; medians with p10/p90 of the rest. One CSV row per (impl, recipe) is
-appended to --out, and the PNG next to it is redrawn from the CSV. Throughput in model FLOP/s uses the formula in
-`train_flops_per_sample` (no MFU: a CPU has no meaningful dense peak to divide by).
+Both: the first --warmup steps of every run are dropped; --repeats alternates the implementations and pools the
+measured steps; medians with p10/p90. Each run waits for an idle machine first and is redone if other processes
+used CPU during it (see harness.CpuMonitor). One CSV row per (impl, recipe, data) is appended to --out, with the
+training process's peak RSS, and the PNG next to it is redrawn from the CSV. Throughput in model FLOP/s uses the
+formula in `train_flops_per_sample` (no MFU: a CPU has no meaningful dense peak to divide by).
 """
 
 from __future__ import annotations

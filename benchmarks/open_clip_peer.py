@@ -6,10 +6,10 @@ The JSON is registered with open_clip.add_model_config and its file stem becomes
 open_clip's training loop is changed. Three adaptations, each announced on stdout:
 
 The tokenizer: open_clip only knows its own 49408-token BPE vocabulary, while the fastenc CPU recipes train a
-small sentencepiece one (vocab_size 1000 requested; the synthetic captions yield about 100 pieces). A 49408 x 256
-token embedding would add 12.6 M parameters (more than both towers together) to the optimizer step, so the peer
-keeps fastenc's vocabulary size and folds the BPE ids into it: SOT/EOT map to the two largest ids, so that open_clip's
-argmax pooling still lands on the EOT token, and every other id to id % (vocab - 2). The compute per step is then
+small sentencepiece one (about 100 pieces for the synthetic captions). A 49408 x 256 token embedding would add
+12.6 M parameters (more than both towers together) to the optimizer step, so the peer keeps fastenc's vocabulary
+size and folds the BPE ids into it: SOT/EOT map to the two largest ids, so that open_clip's argmax pooling still
+lands on the EOT token, and every other id to id % (vocab - 2). The compute per step is then
 exactly that of a tokenizer with this vocabulary; the captions' meaning is irrelevant to a speed measurement.
 
 open_clip_train.data imports pandas at module level, for its CSV dataset only; pandas is not among fastenc's
