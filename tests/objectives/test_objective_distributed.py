@@ -6,7 +6,6 @@ that the objectives call them correctly (normalization, scale clamp, bias, distr
 """
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -16,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastenc.config import load_config
+from fastenc.engine.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORLD, B = 2, 3  # local batch of 3 (odd); global batch 6
@@ -84,9 +84,7 @@ def test_two_rank_gradients_equal_full_batch(kind, tokenizer_path, tmp_path):
     loss.backward()
     want = _grads(obj)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_rank, args=(r, port, kind, tokenizer_path, str(tmp_path))) for r in range(WORLD)]
     for p in procs:
