@@ -2,7 +2,7 @@
 
     fastenc train --config configs/cpu/clip_tiny.yaml [--resume [RUN_DIR]] [section.key=value ...]
     fastenc data synth --out DIR --num-samples N [--image-size S] [--seed K]
-    fastenc tokenizer train --shards SPEC --out PREFIX [--vocab-size V]
+    fastenc tokenizer train --shards SPEC --out PREFIX [--vocab-size V] [--model-type bpe|unigram]
     fastenc config show --config FILE [section.key=value ...]
     fastenc plot METRICS_OR_RUN_DIR ... --out loss.png
     fastenc objectives | fastenc models
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--out", required=True, help="model prefix: writes PREFIX.model and PREFIX.vocab")
     tt.add_argument("--vocab-size", type=int, default=32000)
     tt.add_argument("--max-sentences", type=int, default=1_000_000)
+    tt.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece model type")
 
     conf = sub.add_parser("config", help="config tools").add_subparsers(dest="conf_cmd", required=True)
     show = conf.add_parser("show", help="print the fully resolved config")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "tokenizer":
         from fastenc.data.tokenizer import train_tokenizer
 
-        path = train_tokenizer(args.shards, args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences)
+        path = train_tokenizer(args.shards, args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
+                               model_type=args.model_type)
         print(f"wrote {path}")
         return 0
     if args.cmd == "config":

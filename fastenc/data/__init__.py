@@ -4,6 +4,7 @@ Importing this package needs only torch, numpy and Pillow; webdataset, braceexpa
 torchvision are imported when a function needs them.
 """
 
+from fastenc.data.collate import CaptionCollate, stack_samples
 from fastenc.data.loader import build_loader
 from fastenc.data.shards import expand_shards
 from fastenc.data.synth import write_synthetic_shards
@@ -21,6 +22,7 @@ from fastenc.data.transforms import (
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "CaptionCollate",
     "CaptionSample",
     "CorruptSample",
     "Tokenizer",
@@ -29,6 +31,7 @@ __all__ = [
     "decode_image",
     "expand_shards",
     "image_transform",
+    "stack_samples",
     "train_tokenizer",
     "write_synthetic_shards",
 ]

@@ -4,7 +4,7 @@ Pipeline per (rank, worker), built from webdataset's pieces:
 
     shard urls (resampled with replacement, or this rank's and worker's slice of one epoch)
       -> tar samples (webdataset's tar iterators) -> shuffle buffer -> sample_fn (skip + count failures)
-      -> batch of batch_size (stacked in the worker)
+      -> batch of batch_size (collate_fn in the worker: stacked, captions tokenized, ...)
 
 Every batch carries "num_skipped": how many samples (or unreadable shards) this worker dropped since its previous
 batch, so the trainer can sum it into its metrics. A corrupt sample never stops the run; a stream in which
@@ -20,6 +20,7 @@ import random
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
+from fastenc.data.collate import stack_samples
 from fastenc.data.shards import expand_shards, tar_samples
 from fastenc.data.transforms import CorruptSample
 from fastenc.utils.optional import require
@@ -105,16 +106,14 @@ def _map_samples(src, sample_fn, counter: _SkipCounter):
         yield out
 
 
-def _batch(src, batch_size: int, drop_last: bool, counter: _SkipCounter):
-    """Stack each key of batch_size sample dicts; attach the skip count since this worker's previous batch."""
+def _batch(src, batch_size: int, drop_last: bool, counter: _SkipCounter, collate_fn):
+    """collate_fn over batch_size sample dicts; attach the skip count since this worker's previous batch."""
     reported = counter.num_skipped
     buf = []
 
     def emit():
         nonlocal reported
-        # Tensors are stacked; anything else (a key string, say) is passed on as a list.
-        batch = {k: torch.stack(v) if isinstance(v[0], torch.Tensor) else v
-                 for k, v in ((k, [s[k] for s in buf]) for k in buf[0])}
+        batch = collate_fn(buf)
         batch["num_skipped"] = torch.tensor(counter.num_skipped - reported, dtype=torch.int64)
         reported = counter.num_skipped
         buf.clear()
@@ -140,7 +139,7 @@ def _seed_worker_rng(src, seed: int, epoch: int, rank: int):
 
 def build_dataset(shards, *, sample_fn, batch_size: int, num_workers: int = 2, shuffle_buffer: int = 1000,
                   resampled: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                  drop_last: bool = True, max_consecutive_skips: int = 1000):
+                  drop_last: bool = True, max_consecutive_skips: int = 1000, collate_fn=None):
     """The webdataset DataPipeline behind build_loader (yields finished batch dicts); see build_loader."""
     wds = require("webdataset", "reading shards")
     if batch_size < 1:
@@ -170,17 +169,19 @@ def build_dataset(shards, *, sample_fn, batch_size: int, num_workers: int = 2, s
         functools.partial(tar_samples, handler=counter.tar_error, on_shard=counter.start_shard),
         functools.partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank),
         functools.partial(_map_samples, sample_fn=sample_fn, counter=counter),
-        functools.partial(_batch, batch_size=batch_size, drop_last=drop_last, counter=counter),
+        functools.partial(_batch, batch_size=batch_size, drop_last=drop_last, counter=counter,
+                          collate_fn=collate_fn or stack_samples),
     )
 
 
 def build_loader(shards, *, sample_fn, batch_size: int, num_workers: int = 2, shuffle_buffer: int = 1000,
                  resampled: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 drop_last: bool = True, max_consecutive_skips: int = 1000) -> DataLoader:
+                 drop_last: bool = True, max_consecutive_skips: int = 1000, collate_fn=None) -> DataLoader:
     """DataLoader over webdataset shards yielding {key: Tensor[batch_size, ...] for sample_fn's keys, "num_skipped"}.
 
     shards: anything expand_shards accepts. sample_fn: picklable callable, raw sample dict -> dict of tensors;
-    any exception it raises skips (and counts) that sample. resampled=True: an infinite stream, shards drawn with
+    any exception it raises skips (and counts) that sample. collate_fn: picklable, list of sample_fn outputs ->
+    batch dict (default stack_samples: tensors stacked, other values listed). resampled=True: an infinite stream, shards drawn with
     replacement per (seed, epoch, rank, worker); False: one epoch, each rank and worker reading a disjoint slice
     of the shards (needs at least world_size * num_workers shards; ranks may see different batch counts).
     Batches are assembled in the workers; num_skipped is a 0-dim int64 per batch (with drop_last, skips after the
@@ -190,7 +191,7 @@ def build_loader(shards, *, sample_fn, batch_size: int, num_workers: int = 2, sh
     dataset = build_dataset(shards, sample_fn=sample_fn, batch_size=batch_size, num_workers=num_workers,
                             shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed, rank=rank,
                             world_size=world_size, epoch=epoch, drop_last=drop_last,
-                            max_consecutive_skips=max_consecutive_skips)
+                            max_consecutive_skips=max_consecutive_skips, collate_fn=collate_fn)
     return DataLoader(
         dataset,
         batch_size=None,  # batches are built inside the pipeline (per worker)

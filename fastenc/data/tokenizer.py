@@ -1,7 +1,8 @@
-"""Sentencepiece tokenizer for captions: train one on a shard set's .txt files, encode to fixed-length id rows.
+"""Sentencepiece tokenizer for captions: train one on a shard set's .txt files, encode to right-padded id rows.
 
-Ids: pad 0, unk 1, bos 2, eos 3. A row is the caption's ids, then EOS, right-padded with 0 to context_length; a
-too-long caption is cut so that EOS stays the last token (the text tower pools at EOS).
+Ids: pad 0, unk 1, bos 2, eos 3. A row is the caption's ids, then EOS, right-padded with 0 to context_length (or,
+with pad_to_longest, to the batch's longest caption); a too-long caption is cut so that EOS stays the last token
+(the text tower pools at EOS).
 """
 
 from __future__ import annotations
@@ -55,16 +56,22 @@ def iter_captions(shards, *, stats: dict | None = None, shuffle_seed: int | None
         yield text
 
 
+MODEL_TYPES = ("bpe", "unigram")
+
+
 def train_tokenizer(shards, model_prefix, *, vocab_size: int = 8000, max_sentences: int = 1_000_000,
-                    model_type: str = "unigram") -> str:
+                    model_type: str = "bpe") -> str:
     """Fit a sentencepiece model on the captions of `shards`; write {model_prefix}.model/.vocab; return the .model path.
+
+    model_type "bpe" (CLIP's tokenizers are BPE) or "unigram". On a small caption set BPE can use a larger
+    vocabulary than unigram (whole words become single pieces), which keeps captions short.
 
     If the corpus is too small for `vocab_size`, the size is lowered to the largest one sentencepiece accepts
     (logged as a warning). At most `max_sentences` captions are read.
     """
     spm = require("sentencepiece", "tokenizer training")
-    if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     model_prefix = os.fspath(model_prefix)
     if model_prefix.endswith(".model"):
         model_prefix = model_prefix[: -len(".model")]
@@ -160,16 +167,32 @@ class Tokenizer:
     def context_length(self) -> int:
         return self._context_length
 
-    def __call__(self, texts: list[str] | str) -> torch.Tensor:
-        """Encode one or more texts -> LongTensor[N, context_length]."""
+    def __call__(self, texts: list[str] | str, *, pad_to_longest: bool = False, multiple_of: int = 1) -> torch.Tensor:
+        """Encode one or more texts -> LongTensor[N, L].
+
+        L = context_length by default. pad_to_longest=True: L = the longest row (EOS included) rounded up to
+        `multiple_of`, at most context_length. The ids before each row's EOS are the same either way; a causal
+        text tower gives the same EOS features for both, and the shorter rows cost less compute.
+        """
         if isinstance(texts, str):
             texts = [texts]
-        L = self._context_length
-        out = torch.full((len(texts), L), self._pad_id, dtype=torch.long)
-        for row, ids in enumerate(self._sp.encode(list(texts), out_type=int)):
-            ids = ids[: L - 1] + [self.eos_id]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+        if multiple_of < 1:
+            raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+        C = self._context_length
+        rows = [ids[: C - 1] + [self.eos_id] for ids in self._sp.encode(list(texts), out_type=int)]
+        L = C
+        if pad_to_longest:
+            longest = max((len(r) for r in rows), default=1)
+            L = min(C, -(-longest // multiple_of) * multiple_of)
+        flat = torch.full((len(rows) * L,), self._pad_id, dtype=torch.long)
+        # One scatter for the whole batch instead of a tensor per row (this runs in the loader workers).
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        if rows:
+            starts = torch.arange(len(rows), dtype=torch.long) * L
+            index = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+            index += torch.arange(int(lengths.sum()), dtype=torch.long)
+            flat[index] = torch.tensor([i for r in rows for i in r], dtype=torch.long)
+        return flat.view(len(rows), L)
 
     def decode(self, ids) -> str:
         """Inverse of one row of __call__: ids up to the first EOS, pads dropped."""

@@ -1,4 +1,4 @@
-"""Torch fallback for per-sample work: decode image and caption bytes, augment, tokenize.
+"""Torch fallback for per-sample work: decode image and caption bytes, augment (tokenizing is per batch: collate.py).
 
 Everything here runs inside DataLoader workers (fastenc.data.loader), never in the training process. A sample
 that cannot be used raises `CorruptSample`; the loader skips and counts it instead of stopping the run.
@@ -76,15 +76,15 @@ def image_transform(image_size: int, *, train: bool, scale=(0.9, 1.0), mean=OPEN
 
 
 class CaptionSample:
-    """sample_fn for image-caption shards: raw webdataset sample dict -> {"image": [3,S,S] float, "text": [L] int64}.
+    """sample_fn for image-caption shards: raw webdataset sample dict -> {"image": [3,S,S] float, "caption": str}.
 
-    Picklable (it is shipped to DataLoader workers) as long as `image_transform` and `tokenizer` are.
-    `tokenizer=None` returns only the image (for image-only objectives).
+    Captions are tokenized per batch by fastenc.data.collate.CaptionCollate (one sentencepiece call per batch).
+    `captions=False` returns only the image (image-only objectives). Picklable when `image_transform` is.
     """
 
-    def __init__(self, image_transform, tokenizer=None):
+    def __init__(self, image_transform, captions: bool = True):
         self.image_transform = image_transform
-        self.tokenizer = tokenizer
+        self.captions = captions
 
     def __call__(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
@@ -94,16 +94,15 @@ class CaptionSample:
             found = ", ".join("." + k for k in sample if not k.startswith("__")) or "nothing"
             raise CorruptSample(f"{where} has no image (.jpg/.jpeg/.png/.webp); found: {found}")
         try:
-            image = decode_image(sample[ext])
-            out = {"image": self.image_transform(image)}
-            if self.tokenizer is not None:
+            out = {}
+            if self.captions:  # caption first: a missing/bad caption skips the sample before the image decode
                 if "txt" not in sample:
                     raise CorruptSample("missing caption (.txt)")
-                out["text"] = self.tokenizer(decode_caption(sample["txt"]))[0]
+                out["caption"] = decode_caption(sample["txt"])
+            out["image"] = self.image_transform(decode_image(sample[ext]))
         except CorruptSample as e:
             raise CorruptSample(f"{where}: {e}") from e
         return out
 
     def __repr__(self):
-        return f"CaptionSample({self.image_transform!r}, {self.tokenizer!r})"
-
+        return f"CaptionSample({self.image_transform!r}, captions={self.captions})"

@@ -137,7 +137,8 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
     def make_batches(epoch: int):
         # Resampled shards: the stream is re-seeded from the resume step (no sample order is replayed exactly).
         # Finite streams (data.resampled=false) advance `epoch` at each pass for a new shard/shuffle order.
-        return iter(build_loader(cfg.data.train_shards, sample_fn=module.sample_fn(train=True), batch_size=micro,
+        return iter(build_loader(cfg.data.train_shards, sample_fn=module.sample_fn(train=True),
+                                 collate_fn=module.collate_fn(train=True), batch_size=micro,
                                  num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                                  resampled=cfg.data.resampled, seed=cfg.run.seed, rank=dist.rank,
                                  world_size=dist.world_size, epoch=epoch))

@@ -4,6 +4,7 @@ The trainer calls, in this order and nothing else:
     Objective.prepare(cfg)            once, on local rank 0, before any rank builds the module (tokenizers, ...)
     obj = Objective(cfg)              on every rank
     obj.sample_fn(train=True)         per-sample decode/augment callable run in DataLoader workers
+    obj.collate_fn(train=True)        list of samples -> batch dict, also in the workers (stacking, tokenizing)
     loss, metrics = obj(batch)        batch: dict of tensors on the device (see each objective for keys)
     obj.on_step_end(step)             after each optimizer step (EMA teachers, centers, ...)
 `obj.encoder` is the shared ViT that gets exported; `no_weight_decay()` names parameters exempt from decay.
@@ -49,6 +50,12 @@ class Objective(nn.Module):
 
     def sample_fn(self, train: bool = True) -> Callable:
         raise NotImplementedError
+
+    def collate_fn(self, train: bool = True) -> Callable:
+        """Picklable callable turning sample_fn outputs into a batch dict; default stacks every tensor key."""
+        from fastenc.data.collate import stack_samples
+
+        return stack_samples
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError

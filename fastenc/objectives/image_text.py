@@ -1,6 +1,7 @@
 """Shared machinery of the image-text objectives (CLIP, SigLIP): text tower, projections, tokenizer, batches.
 
-Batch keys: "image" [B, 3, S, S] float, "text" [B, L] int64 token ids (right-padded, EOS-terminated).
+Batch keys: "image" [B, 3, S, S] float, "text" [B, L] int64 token ids (right-padded, EOS-terminated; L is the
+batch's longest caption rounded up to 8 with text_padding="longest", else the context length).
 Legend: B local batch, D encoder width, E shared embedding size.
 """
 
@@ -10,6 +11,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,12 @@ class ImageTextConfig:
     """Sentencepiece .model; if missing it is trained on data.train_shards' captions (vocab_size) and saved there."""
     vocab_size: int = 32000
     """Vocabulary size used only when the tokenizer has to be trained."""
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    """Sentencepiece model type used only when the tokenizer has to be trained: bpe or unigram."""
+    text_padding: Literal["longest", "max_length"] = "longest"
+    """longest: pad each batch's captions to its longest one, rounded up to a multiple of 8 (fewer text-tower
+    FLOPs, same features, since the tower is causal and pools at EOS); max_length: always to the context length
+    (open_clip's behaviour)."""
     crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
     """RandomResizedCrop area range for training images (open_clip's default)."""
     loss_impl: str = "reference"
@@ -73,9 +81,10 @@ class ImageTextObjective(Objective):
             from fastenc.data.tokenizer import train_tokenizer
 
             prefix = ocfg.tokenizer[: -len(".model")] if ocfg.tokenizer.endswith(".model") else ocfg.tokenizer
-            log.warning("tokenizer %s not found: training one (vocab %d) on %s", ocfg.tokenizer, ocfg.vocab_size,
-                        cfg.data.train_shards)
-            train_tokenizer(cfg.data.train_shards, prefix, vocab_size=ocfg.vocab_size)
+            log.warning("tokenizer %s not found: training one (%s, vocab %d) on %s", ocfg.tokenizer,
+                        ocfg.tokenizer_type, ocfg.vocab_size, cfg.data.train_shards)
+            train_tokenizer(cfg.data.train_shards, prefix, vocab_size=ocfg.vocab_size,
+                            model_type=ocfg.tokenizer_type)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -108,7 +117,13 @@ class ImageTextObjective(Objective):
         from fastenc.data.transforms import CaptionSample, image_transform
 
         tf = image_transform(self.image_size, train=train, scale=tuple(self.cfg.objective.crop_scale))
-        return CaptionSample(tf, self.tokenizer)
+        return CaptionSample(tf)
+
+    def collate_fn(self, train: bool = True):
+        from fastenc.data.collate import CaptionCollate
+
+        return CaptionCollate(self.tokenizer, pad_to_longest=self.cfg.objective.text_padding == "longest",
+                              multiple_of=8)
 
     def no_weight_decay(self) -> set[str]:
         names = super().no_weight_decay() | {"logit_scale"}

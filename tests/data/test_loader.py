@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("webdataset")
 
+from fastenc.data.collate import CaptionCollate  # noqa: E402
 from fastenc.data.loader import build_loader  # noqa: E402
 from fastenc.data.synth import render_sample  # noqa: E402
 from fastenc.data.tokenizer import Tokenizer  # noqa: E402
@@ -58,14 +59,21 @@ def corrupt_dir(tmp_path_factory):
 
 
 def test_batches_shapes_and_dtypes(synth_dir, tokenizer_model):
-    fn = CaptionSample(image_transform(32, train=True), Tokenizer(tokenizer_model, 16))
-    loader = build_loader(synth_dir, sample_fn=fn, batch_size=8, num_workers=0, shuffle_buffer=50)
-    for batch in itertools.islice(loader, 3):
-        assert set(batch) == {"image", "text", "num_skipped"}
-        assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
-        assert batch["text"].shape == (8, 16) and batch["text"].dtype == torch.int64
-        assert batch["num_skipped"].shape == () and batch["num_skipped"].dtype == torch.int64
-        assert batch["num_skipped"] == 0
+    tok = Tokenizer(tokenizer_model, 32)
+    for pad_to_longest, num_workers in ((False, 0), (True, 1)):
+        loader = build_loader(synth_dir, sample_fn=CaptionSample(image_transform(32, train=True)), batch_size=8,
+                              num_workers=num_workers, shuffle_buffer=50,
+                              collate_fn=CaptionCollate(tok, pad_to_longest=pad_to_longest, multiple_of=4))
+        for batch in itertools.islice(loader, 3):
+            assert set(batch) == {"image", "text", "num_skipped"}
+            assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
+            L = batch["text"].shape[1]
+            assert batch["text"].shape == (8, L) and batch["text"].dtype == torch.int64
+            longest = int((batch["text"] != tok.pad_id).sum(1).max())
+            assert L == (min(32, -(-longest // 4) * 4) if pad_to_longest else 32)
+            assert (batch["text"] == tok.eos_id).sum() == 8
+            assert batch["num_skipped"].shape == () and batch["num_skipped"].dtype == torch.int64
+            assert batch["num_skipped"] == 0
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -37,6 +37,22 @@ def test_padding_eos_and_truncation(tokenizer_model):
     assert tok("a star").shape == (1, 12)
 
 
+def test_pad_to_longest(tokenizer_model):
+    tok = Tokenizer(tokenizer_model, context_length=40)
+    captions = ["a star", "a red circle", CAPTION]
+    full = tok(captions)
+    n = int((full != tok.pad_id).sum(1).max())  # longest row, EOS included
+    exact = tok(captions, pad_to_longest=True)
+    assert exact.shape == (3, n) and torch.equal(exact, full[:, :n]) and (full[:, n:] == tok.pad_id).all()
+    rounded = tok(captions, pad_to_longest=True, multiple_of=8)
+    assert rounded.shape == (3, -(-n // 8) * 8) and torch.equal(rounded, full[:, : rounded.shape[1]])
+    assert tok(["a star"], pad_to_longest=True, multiple_of=64).shape == (1, 40)  # never beyond context_length
+    truncated = tok([CAPTION * 5, "a star"], pad_to_longest=True, multiple_of=8)
+    assert torch.equal(truncated, tok([CAPTION * 5, "a star"]))  # the cut row already fills the context
+    with pytest.raises(ValueError, match="multiple_of"):
+        tok(captions, pad_to_longest=True, multiple_of=0)
+
+
 def test_pickle_roundtrip_needs_no_file(tokenizer_model, tmp_path):
     path = shutil.copy(tokenizer_model, tmp_path / "copy.model")
     tok = Tokenizer(path, context_length=16)
@@ -50,6 +66,14 @@ def test_pickle_roundtrip_needs_no_file(tokenizer_model, tmp_path):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="fastenc tokenizer train --shards"):
         Tokenizer(tmp_path / "nope.model", context_length=16)
+
+
+def test_model_types(synth_dir, tmp_path):
+    for model_type in ("bpe", "unigram"):
+        tok = Tokenizer(train_tokenizer(synth_dir, tmp_path / model_type, vocab_size=60, model_type=model_type), 128)
+        assert tok.decode(tok(CAPTION)[0]) == CAPTION
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        train_tokenizer(synth_dir, tmp_path / "x", model_type="wordpiece")
 
 
 def test_vocab_too_large_is_lowered(synth_dir, tmp_path, caplog):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from fastenc.data.collate import CaptionCollate, stack_samples
 from fastenc.data.transforms import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -77,17 +78,18 @@ def test_train_transform_is_random_and_eval_is_not():
 
 
 class _CharTokenizer:
-    """Stand-in tokenizer: one id per byte, so CaptionSample can be tested without sentencepiece."""
+    """Stand-in tokenizer: one id per byte then EOS 3, so CaptionCollate can be tested without sentencepiece."""
 
-    def __call__(self, text):
-        ids = list(text.encode())[:7] + [3]
-        return torch.tensor([ids + [0] * (8 - len(ids))])
+    def __call__(self, texts, pad_to_longest=False, multiple_of=1):
+        rows = [list(t.encode())[:7] + [3] for t in texts]
+        L = -(-max(map(len, rows)) // multiple_of) * multiple_of if pad_to_longest else 8
+        return torch.tensor([r + [0] * (L - len(r)) for r in rows])
 
 
 def test_caption_sample_and_missing_parts():
-    fn = CaptionSample(image_transform(16, train=False), _CharTokenizer())
+    fn = CaptionSample(image_transform(16, train=False))
     out = fn({"__key__": "000000001", "jpg": _jpeg(), "txt": b"a red star"})
-    assert out["image"].shape == (3, 16, 16) and out["text"].shape == (8,) and out["text"].dtype == torch.long
+    assert out["image"].shape == (3, 16, 16) and out["caption"] == "a red star"
     assert fn({"__key__": "k", "png": _png(), "txt": b"x"})["image"].shape == (3, 16, 16)
     with pytest.raises(CorruptSample, match=r"'000000002'.*no image .*found: \.txt"):
         fn({"__key__": "000000002", "txt": b"a caption"})
@@ -95,10 +97,25 @@ def test_caption_sample_and_missing_parts():
         fn({"__key__": "000000003", "jpg": _jpeg()})
     with pytest.raises(CorruptSample, match=r"'000000004'.*not UTF-8"):
         fn({"__key__": "000000004", "jpg": _jpeg(), "txt": b"\xff\xfe"})
-    image_only = CaptionSample(image_transform(16, train=False))
+    image_only = CaptionSample(image_transform(16, train=False), captions=False)
     assert set(image_only({"jpg": _jpeg()})) == {"image"}
     clone = pickle.loads(pickle.dumps(fn))
-    assert torch.equal(clone({"jpg": _jpeg(), "txt": b"abc"})["text"], fn({"jpg": _jpeg(), "txt": b"abc"})["text"])
+    assert torch.equal(clone({"jpg": _jpeg(), "txt": b"abc"})["image"], fn({"jpg": _jpeg(), "txt": b"abc"})["image"])
+
+
+def test_collate():
+    samples = [CaptionSample(image_transform(16, train=False))({"jpg": _jpeg(seed=i), "txt": t})
+               for i, t in enumerate([b"ab", b"abcd", b"a"])]
+    batch = stack_samples(samples)
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["caption"] == ["ab", "abcd", "a"]
+    out = CaptionCollate(_CharTokenizer(), pad_to_longest=True, multiple_of=2)(samples)
+    assert set(out) == {"image", "text"} and torch.equal(out["image"], batch["image"])
+    assert out["text"].tolist() == [[97, 98, 3, 0, 0, 0], [97, 98, 99, 100, 3, 0], [97, 3, 0, 0, 0, 0]]
+    assert CaptionCollate(_CharTokenizer(), pad_to_longest=False)(samples)["text"].shape == (3, 8)
+    with pytest.raises(ValueError, match="sample 1 has keys"):
+        stack_samples([samples[0], {"image": samples[1]["image"]}])
+    with pytest.raises(ValueError, match="empty"):
+        stack_samples([])
 
 
 def _png():

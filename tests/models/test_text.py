@@ -46,6 +46,22 @@ def test_padding_does_not_change_the_embedding(attn_impl):
         torch.testing.assert_close(tower(longer[1:]), tower(short)[1:], atol=1e-6, rtol=1e-5)  # batch-independent
 
 
+def test_padding_does_not_change_the_gradients():
+    """Batches are padded to their longest caption (text_padding="longest"): training must not see a difference."""
+    tower = _tower(attn_impl="sdpa")
+    short = _captions(6, 3, 8, seq_len=8)
+    longer = torch.cat([short, torch.full((3, 8), PAD)], dim=1)
+    weights = torch.randn(3, 32)
+    grads = []
+    for tokens in (short, longer):
+        tower.zero_grad()
+        (tower(tokens) * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in tower.named_parameters()})
+    for name, ref in grads[0].items():  # fp32 sums over different matmul shapes: tolerance relative to the scale
+        torch.testing.assert_close(grads[1][name], ref, atol=2e-6 * float(ref.abs().max()), rtol=1e-4, msg=name)
+    assert (grads[1]["positional_embedding"][8:] == 0).all()  # positions after every EOS get no gradient
+
+
 def test_hidden_states_are_causal():
     tower = _tower()
     tokens = _captions(12)
