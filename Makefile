@@ -26,7 +26,7 @@ $(STAMP): setup.py .ci/constraints.txt
 
 # The README's main job: tiny CLIP on synthetic shards (generated on first use), on this CPU, in a few minutes.
 demo: setup
-	$(VPY) launch/pretrain.py --config configs/cpu/clip_tiny.yaml run.name=demo schedule.steps=60 schedule.warmup_steps=5 engine.checkpoint_every=0
+	$(VPY) launch/pretrain.py --config configs/cpu/clip_tiny.yaml run.name=demo schedule.steps=80 schedule.warmup_steps=20 engine.checkpoint_every=0
 
 # Default tier: fast CPU tests (minutes on 2 cores).
 test: setup
