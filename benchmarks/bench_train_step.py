@@ -372,7 +372,9 @@ def peer_skip_reason(cfg) -> str | None:
 def plot(csv_path: str, png_path: str) -> str | None:
     ok = lambda r: r.get("status") == "ok"  # noqa: E731
     return harness.plot_from_csv(
-        csv_path, png_path, where=ok, label=lambda r: f"{r['impl']}\n{r['recipe']}\n{r.get('data') or ''} data",
+        csv_path, png_path, where=ok,
+        label=lambda r: f"{r['impl']}\n{r['recipe']}\n{r.get('data') or ''} data" + (
+            f"\n{r['overrides']}" if r.get("overrides") else ""),
         panels=[
             {"y": "samples_per_s_median", "err": ("samples_per_s_p10", "samples_per_s_p90"),
              "ylabel": "samples / s (median, p10-p90 of steps)", "title": "training throughput, 1 process",
@@ -419,21 +421,25 @@ def summarize(rows: list[dict]) -> None:
 
 
 def markdown_table(csv_path: str) -> str:
-    """The latest ok row per (impl, recipe, data) as a markdown table, with the ratio to fastenc's row."""
+    """The latest ok row per (impl, recipe, data, overrides) as a markdown table, with the ratio to fastenc's row
+    without overrides (rows with overrides are ablations of the recipe)."""
     rows = [r for r in harness.read_rows(csv_path) if r.get("status") == "ok"]
-    rows = harness.latest_by(rows, lambda r: (r["recipe"], r["impl"], r.get("data", "")))
-    fe = {r["recipe"]: float(r["samples_per_s_median"]) for r in rows if r["impl"] == "fastenc"}
+    rows = harness.latest_by(rows, lambda r: (r["recipe"], r["impl"], r.get("data", ""), r.get("overrides") or ""))
+    fe = {r["recipe"]: float(r["samples_per_s_median"]) for r in rows
+          if r["impl"] == "fastenc" and not r.get("overrides")}
 
     def f(r, k, fmt="{:.2f}"):
         return fmt.format(float(r[k])) if r.get(k) not in (None, "") else "-"
 
-    lines = ["| recipe | impl | data | samples/s median (p10-p90) | per repeat | fastenc / this | step s | data wait s "
-             "| fwd s | bwd s | optim s | steps | other procs (cores) | date (UTC) | git |",
-             "|" + " --- |" * 15]
-    for r in sorted(rows, key=lambda r: (r["recipe"], r["impl"] != "fastenc", r.get("data", ""))):
+    lines = ["| recipe | impl | data | overrides | samples/s median (p10-p90) | per repeat | fastenc / this | step s "
+             "| data wait s | fwd s | bwd s | optim s | steps | other procs (cores) | date (UTC) | git |",
+             "|" + " --- |" * 16]
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["impl"] != "fastenc", r.get("overrides") or "",
+                                         r.get("data", ""))):
         ratio = fe.get(r["recipe"], float("nan")) / float(r["samples_per_s_median"])
         lines.append(
-            f"| {r['recipe']} | {r['impl']} | {r.get('data', '')} | {f(r, 'samples_per_s_median', '{:.1f}')} "
+            f"| {r['recipe']} | {r['impl']} | {r.get('data', '')} | {r.get('overrides') or ''} "
+            f"| {f(r, 'samples_per_s_median', '{:.1f}')} "
             f"({f(r, 'samples_per_s_p10', '{:.1f}')}-{f(r, 'samples_per_s_p90', '{:.1f}')}) "
             f"| {r.get('samples_per_s_per_repeat', '').replace(';', ', ')} | {ratio:.3f} | {f(r, 'step_time_median')} "
             f"| {f(r, 'data_wait_median', '{:.3f}')} | {f(r, 'forward_median')} | {f(r, 'backward_median')} "
