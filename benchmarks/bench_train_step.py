@@ -98,8 +98,31 @@ def tower_dims(cfg) -> dict:
     vit = {**_VIT_PRESETS[cfg.model.name], **cfg.model.overrides}
     if cfg.model.img_size:
         vit["img_size"] = cfg.model.img_size
+    if cfg.objective.name == "dino":
+        o = cfg.objective
+        return {"vit": vit, "dino": {"global": o.num_global_crops, "local": o.local_crops, "local_size": o.local_crop_size,
+                                     "hidden": o.hidden_dim, "bottleneck": o.bottleneck_dim, "out": o.out_dim,
+                                     "layers": o.head_layers}}
     text = {**_TEXT_PRESETS[cfg.objective.text.name], **cfg.objective.text.overrides}
     return {"vit": vit, "text": text, "embed_dim": cfg.objective.embed_dim}
+
+
+def _vit_forward_flops(v: dict, img_size: int) -> float:
+    n_patch = (img_size // v["patch_size"]) ** 2
+    tv, dv = n_patch + 1, v["embed_dim"]
+    block_v = 2 * tv * (4 + 2 * v.get("mlp_ratio", 4.0)) * dv**2 + 4 * tv**2 * dv
+    return v["depth"] * block_v + 2 * n_patch * 3 * v["patch_size"] ** 2 * dv
+
+
+def dino_flops_per_sample(dims: dict) -> float:
+    """DINO: the student's forward + backward (3 x forward) over every crop (global crops at the model's size,
+    local crops at theirs) and its head, plus the teacher's forward only over the global crops and its head."""
+    v, d = dims["vit"], dims["dino"]
+    hidden = [v["embed_dim"]] + [d["hidden"]] * (d["layers"] - 1) + [d["bottleneck"]]
+    head = 2 * sum(a * b for a, b in zip(hidden[:-1], hidden[1:])) + 2 * d["bottleneck"] * d["out"]
+    glob = _vit_forward_flops(v, v["img_size"]) + head
+    local = _vit_forward_flops(v, d["local_size"]) + head
+    return 3.0 * (d["global"] * glob + d["local"] * local) + d["global"] * glob
 
 
 def train_flops_per_sample(dims: dict, batch: int) -> float:
@@ -109,6 +132,8 @@ def train_flops_per_sample(dims: dict, batch: int) -> float:
     attention 4*T^2*D (QK^T and AV, counted dense also for the causal text tower, as SDPA computes it). Plus the
     patch embedding 2*N*(3*p^2)*D, both projections 2*D*E, and the B x B logits 2*B*E per sample.
     """
+    if "dino" in dims:
+        return dino_flops_per_sample(dims)
     v, t, e = dims["vit"], dims["text"], dims["embed_dim"]
     n_patch = (v["img_size"] // v["patch_size"]) ** 2
     tv, dv = n_patch + 1, v["embed_dim"]

@@ -4,6 +4,9 @@
     fastenc data synth --out DIR --num-samples N [--image-size S] [--seed K]
     fastenc tokenizer train --shards SPEC --out PREFIX [--vocab-size V] [--model-type bpe|unigram]
     fastenc config show --config FILE [section.key=value ...]
+    fastenc config diff RUN_OR_YAML RUN_OR_YAML      exit 0 if controlled (differ only in `objective:`), else 1
+    fastenc study check|run|report STUDY.yaml        refuses (exit 1) when the study's runs are not controlled
+    fastenc eval knn --encoder ENCODER.safetensors|RUN_DIR --train-shards S --val-shards S [--label category_id]
     fastenc plot METRICS_OR_RUN_DIR ... --out loss.png
     fastenc objectives | fastenc models
 
@@ -69,6 +72,35 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--config", required=True)
     show.add_argument("overrides", nargs="*")
 
+    diff = conf.add_parser("diff", help="differences between two configs, and whether the pair is controlled")
+    diff.add_argument("a", help="recipe YAML or run dir")
+    diff.add_argument("b", help="recipe YAML or run dir")
+
+    study = sub.add_parser("study", help="controlled comparisons of several objectives")
+    study_sub = study.add_subparsers(dest="study_cmd", required=True)
+    for name, text in (("check", "check that every run of the study is controlled"),
+                       ("run", "check, then train every run of the study in turn"),
+                       ("report", "check the run dirs' recorded configs and fingerprints, then tabulate them")):
+        sp = study_sub.add_parser(name, help=text)
+        sp.add_argument("study", help="study YAML (configs/cpu/study.yaml, configs/paper/study.yaml)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+        if name == "run":
+            sp.add_argument("--launcher", default="",
+                            help="command prefix, e.g. 'deepspeed --num_gpus 8' (default: this python)")
+            sp.add_argument("--max-steps", type=int, default=None)
+
+    ev = sub.add_parser("eval", help="evaluate encoders").add_subparsers(dest="eval_cmd", required=True)
+    knn = ev.add_parser("knn", help="weighted k-NN accuracy of frozen features (DINO's protocol)")
+    knn.add_argument("--encoder", required=True, help="export/encoder.safetensors, or a run dir")
+    knn.add_argument("--model", default=None, help="ViT preset (default: from the export's metadata)")
+    knn.add_argument("--train-shards", required=True)
+    knn.add_argument("--val-shards", required=True)
+    knn.add_argument("--label", default="category_id", help="integer field of the samples' .json")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--max-train", type=int, default=None)
+    knn.add_argument("--max-val", type=int, default=None)
+
     plot = sub.add_parser("plot", help="loss curves of several runs on one figure")
     plot.add_argument("runs", nargs="+", help="run dirs or metrics.jsonl files")
     plot.add_argument("--out", required=True)
@@ -98,11 +130,30 @@ def main(argv: list[str] | None = None) -> int:
         from fastenc.config import ConfigError, config_to_yaml, load_config
 
         try:
+            if args.conf_cmd == "diff":
+                from fastenc.study import diff_configs, format_diff, load_run_or_recipe
+
+                d = diff_configs(load_run_or_recipe(args.a), load_run_or_recipe(args.b))
+                print(format_diff(d, args.a, args.b))
+                return 0 if d.controlled else 1
             print(config_to_yaml(load_config(args.config, args.overrides)), end="")
         except ConfigError as e:
             print(f"fastenc: config error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.cmd == "study":
+        from fastenc.config import ConfigError
+        from fastenc.study import run_study_command
+
+        try:
+            return run_study_command(args)
+        except ConfigError as e:
+            print(f"fastenc: config error: {e}", file=sys.stderr)
+            return 2
+    if args.cmd == "eval":
+        from fastenc.eval.knn import run_knn_command
+
+        return run_knn_command(args)
     if args.cmd == "plot":
         from fastenc.analysis.curves import plot_loss_curves
 

@@ -56,6 +56,17 @@ def decode_caption(data: bytes) -> str:
     return text
 
 
+def locate_image(sample: dict) -> tuple[str, str]:
+    """(description of the sample for messages, its image extension); CorruptSample if it has no image."""
+    key = sample.get("__key__", "?")
+    where = f"sample {key!r}" + (f" in {sample['__url__']}" if "__url__" in sample else "")
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        found = ", ".join("." + k for k in sample if not k.startswith("__")) or "nothing"
+        raise CorruptSample(f"{where} has no image (.jpg/.jpeg/.png/.webp); found: {found}")
+    return where, ext
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
@@ -87,12 +98,7 @@ class CaptionSample:
         self.captions = captions
 
     def __call__(self, sample: dict) -> dict:
-        key = sample.get("__key__", "?")
-        where = f"sample {key!r}" + (f" in {sample['__url__']}" if "__url__" in sample else "")
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            found = ", ".join("." + k for k in sample if not k.startswith("__")) or "nothing"
-            raise CorruptSample(f"{where} has no image (.jpg/.jpeg/.png/.webp); found: {found}")
+        where, ext = locate_image(sample)
         try:
             out = {}
             if self.captions:  # caption first: a missing/bad caption skips the sample before the image decode
@@ -106,3 +112,83 @@ class CaptionSample:
 
     def __repr__(self):
         return f"CaptionSample({self.image_transform!r}, captions={self.captions})"
+
+
+class _GaussianBlur:
+    """With probability p, PIL Gaussian blur with a radius drawn uniformly from [radius_min, radius_max] (DINO's)."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        import torch
+        from PIL import ImageFilter
+
+        # torch's RNG (seeded per loader worker by fastenc.data.loader), not python's `random`.
+        if self.p < 1.0 and torch.rand(()).item() >= self.p:
+            return img
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self):
+        return f"GaussianBlur(p={self.p}, radius=[{self.radius_min}, {self.radius_max}])"
+
+
+def multicrop_transforms(global_size: int, local_size: int, *, num_global: int = 2,
+                         global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+                         mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """DINO's DataAugmentationDINO as torchvision transforms: (list of per-global-crop transforms, local transform).
+
+    Every crop: RandomResizedCrop (bicubic) -> flip p 0.5 -> color jitter (0.4, 0.4, 0.2, 0.1) p 0.8 -> grayscale
+    p 0.2 -> blur -> normalize. Blur p 1.0 on global crop 1; p 0.1 and solarize p 0.2 on global crop 2 (and any
+    further global crop); p 0.5 on local crops. Normalization is the same mean/std as the image-text objectives
+    (the study keeps the pipeline identical across objectives; DINO's reference uses ImageNet's).
+    """
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    flip_and_color_jitter = [
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    normalize = [_to_rgb, T.ToTensor(), T.Normalize(mean, std)]
+
+    def crop(size, scale):
+        return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic, antialias=True)
+
+    globals_ = [T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, _GaussianBlur(1.0), *normalize])]
+    for _ in range(num_global - 1):
+        globals_.append(T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, _GaussianBlur(0.1),
+                                   T.RandomSolarize(threshold=128, p=0.2), *normalize]))
+    local = T.Compose([crop(local_size, local_scale), *flip_and_color_jitter, _GaussianBlur(0.5), *normalize])
+    return globals_, local
+
+
+class MultiCropSample:
+    """sample_fn for image-only multi-crop objectives (DINO): raw sample -> {"global": [G,3,S,S], "local": [N,3,s,s]}.
+
+    Captions are ignored (an image-only objective trains on the same shards as CLIP). With N = 0 local crops the
+    "local" key is absent. Picklable.
+    """
+
+    def __init__(self, global_transforms, local_transform, num_local: int):
+        self.global_transforms = list(global_transforms)
+        self.local_transform = local_transform
+        self.num_local = int(num_local)
+
+    def __call__(self, sample: dict) -> dict:
+        import torch
+
+        where, ext = locate_image(sample)
+        try:
+            img = decode_image(sample[ext])
+        except CorruptSample as e:
+            raise CorruptSample(f"{where}: {e}") from e
+        out = {"global": torch.stack([tf(img) for tf in self.global_transforms])}
+        if self.num_local:
+            out["local"] = torch.stack([self.local_transform(img) for _ in range(self.num_local)])
+        return out
+
+    def __repr__(self):
+        return f"MultiCropSample({len(self.global_transforms)} global, {self.num_local} local)"

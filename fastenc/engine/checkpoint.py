@@ -45,7 +45,13 @@ def latest_tag(ckpt_dir: str) -> str | None:
     return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
 
 
-def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_main: bool, keep: int = 2) -> str:
+EXTRA_STATE = "objective_extra.safetensors"
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_main: bool, keep: int = 2,
+                    extra_state: dict[str, torch.Tensor] | None = None) -> str:
+    """Save under a temporary tag, rename, then point `latest` at it. extra_state: the objective's tensors that
+    DeepSpeed does not manage (e.g. DINO's teacher and center), written by rank 0 as safetensors inside the tag."""
     tag = _tag(step)
     tmp_tag = f".tmp-{tag}"
     if is_main:
@@ -53,6 +59,8 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_
         shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)
     barrier()
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    if is_main and extra_state:
+        save_safetensors(extra_state, os.path.join(ckpt_dir, tmp_tag, EXTRA_STATE), {"format": "pt"})
     barrier()  # every rank's shards are on disk
     if is_main:
         final = os.path.join(ckpt_dir, tag)
@@ -66,8 +74,9 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
-    """Load the latest complete checkpoint into the engine; returns its client state, or None if there is none."""
+def load_checkpoint(engine, ckpt_dir: str, objective=None) -> dict | None:
+    """Load the latest complete checkpoint into the engine (and the objective's extra state, if it has one);
+    returns its client state, or None if there is none."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
@@ -75,6 +84,14 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+    if objective is not None and objective.extra_state():
+        from safetensors.torch import load_file
+
+        extra = os.path.join(ckpt_dir, tag, EXTRA_STATE)
+        if not os.path.isfile(extra):
+            raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} has no {EXTRA_STATE}, which the {objective.name} "
+                               "objective needs (teacher / center): was it written by another objective?")
+        objective.load_extra_state(load_file(extra))
     return client_state
 
 
@@ -108,15 +125,18 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict
     os.replace(tmp, path)
 
 
-def export_from_state_dict(state: dict[str, torch.Tensor], export_dir: str, cfg) -> dict[str, str]:
-    """Write encoder.safetensors (timm names: the `encoder.` prefix stripped) and objective.safetensors."""
+def export_from_state_dict(state: dict[str, torch.Tensor], export_dir: str, cfg,
+                           encoder_prefix: str = "encoder.") -> dict[str, str]:
+    """Write encoder.safetensors (timm names: `encoder_prefix` stripped; DINO exports its teacher's backbone,
+    "teacher.encoder.") and objective.safetensors (everything)."""
     from fastenc.config import config_to_yaml
 
     meta = {"format": "pt", "model": cfg.model.name, "objective": cfg.objective.name,
             "fastenc_config": config_to_yaml(cfg)}
-    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    enc = {k[len(encoder_prefix):]: v for k, v in state.items() if k.startswith(encoder_prefix)}
     if not enc:
-        raise RuntimeError("no `encoder.` parameters in the state dict: is this a fastenc objective checkpoint?")
+        raise RuntimeError(f"no `{encoder_prefix}` parameters in the state dict: is this a fastenc objective "
+                           "checkpoint?")
     paths = {"encoder": os.path.join(export_dir, "encoder.safetensors"),
              "objective": os.path.join(export_dir, "objective.safetensors")}
     save_safetensors(enc, paths["encoder"], meta)

@@ -8,6 +8,7 @@ read with one all-reduce + .tolist() every `engine.log_every` steps).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -103,6 +104,12 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
         os.makedirs(run_dir, exist_ok=True)
         atomic_write_text(os.path.join(run_dir, "config.yaml"), config_to_yaml(cfg))
     prepare_data(cfg, dist)
+    if dist.is_main:
+        from fastenc.study import fingerprint
+
+        # What a controlled comparison must share (everything but the objective), with the shards on disk.
+        atomic_write_text(os.path.join(run_dir, "fingerprint.json"),
+                          json.dumps(fingerprint(cfg, with_shards=True), indent=1, default=str) + "\n")
 
     torch.manual_seed(cfg.run.seed)
     objective = build_objective(cfg)
@@ -125,7 +132,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
 
     start_step, samples_seen, skipped_total = 0, 0, 0
     if resume:
-        state = load_checkpoint(engine, ckpt_dir)
+        state = load_checkpoint(engine, ckpt_dir, module)
         if state is not None:
             start_step, samples_seen = state["step"], state["samples_seen"]
             skipped_total = state.get("num_skipped", 0)
@@ -171,6 +178,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
     last_loss = float("nan")
     engine.train()
     for step in range(start_step, end_step):
+        module.on_step_start(step)
         for _ in range(accum):
             t0 = time.perf_counter()
             batch = next_batch()
@@ -232,14 +240,17 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
             save_checkpoint(engine, ckpt_dir, done,
                             {"step": done, "samples_seen": samples_seen, "num_skipped": skipped_total,
                              "config_hash": config_hash(cfg)},
-                            is_main=dist.is_main, keep=cfg.engine.keep_checkpoints)
+                            is_main=dist.is_main, keep=cfg.engine.keep_checkpoints,
+                            extra_state=module.extra_state())
     logger.close()
 
     export_paths: dict = {}
     if export and end_step > start_step:
         state = fp32_state_dict(engine)  # every rank: a gather under ZeRO-3
+        state.update(module.extra_state())  # e.g. DINO's teacher and center
         if dist.is_main:
-            export_paths = export_from_state_dict(state, os.path.join(run_dir, "export"), cfg)
+            export_paths = export_from_state_dict(state, os.path.join(run_dir, "export"), cfg,
+                                                  encoder_prefix=module.export_prefix)
         barrier()
     plot_path = None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")

@@ -57,7 +57,7 @@ def build_objective(cfg) -> Objective:
 
 def _import_builtin():
     # Importing registers them; kept lazy so `fastenc.config` can import this module without cycles.
-    from fastenc.objectives import clip, siglip  # noqa: F401
+    from fastenc.objectives import clip, dino, siglip  # noqa: F401
 
 
 __all__ = [

@@ -5,9 +5,12 @@ The trainer calls, in this order and nothing else:
     obj = Objective(cfg)              on every rank
     obj.sample_fn(train=True)         per-sample decode/augment callable run in DataLoader workers
     obj.collate_fn(train=True)        list of samples -> batch dict, also in the workers (stacking, tokenizing)
+    obj.on_step_start(step)           before the step's micro-batches (step-dependent schedules)
     loss, metrics = obj(batch)        batch: dict of tensors on the device (see each objective for keys)
     obj.on_step_end(step)             after each optimizer step (EMA teachers, centers, ...)
-`obj.encoder` is the shared ViT that gets exported; `no_weight_decay()` names parameters exempt from decay.
+    obj.extra_state() / load_extra_state(state)   tensors DeepSpeed does not manage, saved with each checkpoint
+`obj.encoder` is the shared ViT that is trained; `export_prefix` names the encoder that gets exported (the student
+itself, or DINO's teacher); `no_weight_decay()` names parameters exempt from decay.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def build_encoder(model_cfg) -> nn.Module:
 class Objective(nn.Module):
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
+    export_prefix: ClassVar[str] = "encoder."
 
     def __init__(self, cfg):
         super().__init__()
@@ -60,8 +64,20 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def on_step_start(self, step: int) -> None:
+        """Hook before the micro-batches of optimizer step `step` (0-based); default does nothing."""
+
     def on_step_end(self, step: int) -> None:
         """Hook after each optimizer step; default does nothing."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Named tensors outside DeepSpeed's module state (saved in checkpoints and the export); default none."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what extra_state returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no extra state, got keys {sorted(state)[:5]}")
 
     def no_weight_decay(self) -> set[str]:
         """Full parameter names exempt from weight decay besides biases and norm weights (1-D params)."""

@@ -122,3 +122,42 @@ def _png():
     buf = io.BytesIO()
     Image.new("RGB", (20, 20), (10, 200, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_multicrop_sample_shapes_ranges_and_seeding():
+    from fastenc.data.transforms import MultiCropSample, multicrop_transforms
+
+    globals_, local = multicrop_transforms(32, 16, num_global=2)
+    fn = MultiCropSample(globals_, local, num_local=3)
+    sample = {"__key__": "k", "jpg": _jpeg(size=(80, 60)), "txt": b"ignored"}
+    torch.manual_seed(0)
+    out = fn(sample)
+    assert set(out) == {"global", "local"}
+    assert out["global"].shape == (2, 3, 32, 32) and out["local"].shape == (3, 3, 16, 16)
+    assert out["global"].dtype == torch.float32 and out["global"].abs().max() < 4  # normalized range
+    assert not torch.equal(out["global"][0], out["global"][1])  # two different random views
+    torch.manual_seed(0)
+    again = fn(sample)
+    assert torch.equal(again["global"], out["global"]) and torch.equal(again["local"], out["local"])
+    assert set(MultiCropSample(globals_, local, num_local=0)(sample)) == {"global"}
+    with pytest.raises(CorruptSample, match="'bad'.*cannot be decoded"):
+        fn({"__key__": "bad", "jpg": b"not a jpeg"})
+    clone = pickle.loads(pickle.dumps(fn))
+    torch.manual_seed(1)
+    a = clone(sample)["local"]
+    torch.manual_seed(1)
+    assert torch.equal(a, fn(sample)["local"])
+
+
+def test_dino_blur_and_solarize_probabilities():
+    """Global crop 1 always blurs; global crop 2 blurs with p 0.1 and solarizes with p 0.2 (the reference's)."""
+    from torchvision import transforms as T
+
+    from fastenc.data.transforms import _GaussianBlur, multicrop_transforms
+
+    globals_, local = multicrop_transforms(32, 16)
+    blurs = [[t for t in g.transforms if isinstance(t, _GaussianBlur)][0].p for g in globals_]
+    assert blurs == [1.0, 0.1]
+    assert [t.p for t in globals_[1].transforms if isinstance(t, T.RandomSolarize)] == [0.2]
+    assert not any(isinstance(t, T.RandomSolarize) for t in globals_[0].transforms)
+    assert [t.p for t in local.transforms if isinstance(t, _GaussianBlur)] == [0.5]

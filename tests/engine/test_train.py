@@ -127,3 +127,43 @@ def test_torchrun_two_ranks(tiny_data, tmp_path):
     _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
              str(free_port()), "launch/pretrain.py", "--config", RECIPE["clip"], *ov], tmp_path)
     _check_run(os.path.join(tmp_path, "tr"), steps)
+
+
+def _dino_overrides(tiny_data, tmp_path, *extra):
+    return ["model.name=vit_test", "data.batch_size=16", "data.num_workers=0", "data.shuffle_buffer=64",
+            "data.synth.num_samples=0", "engine.log_every=1", "engine.tensorboard=false", "schedule.warmup_steps=2",
+            "optim.lr=2e-3", f"data.train_shards={tiny_data['shards']}", f"run.output_dir={tmp_path}",
+            "objective.out_dim=64", "objective.hidden_dim=64", "objective.bottleneck_dim=32",
+            "objective.local_crops=2", "objective.local_crop_size=16", "objective.freeze_last_layer_steps=1",
+            *extra]
+
+
+def test_dino_trains_resumes_and_exports_the_teacher(tiny_data, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    ov = _dino_overrides(tiny_data, tmp_path, "schedule.steps=6", "engine.zero_stage=2", "run.name=d",
+                         "engine.checkpoint_every=3")
+    first = _train("configs/cpu/dino_tiny.yaml", ov, max_steps=3)
+    ckpt = os.path.join(first.run_dir, "checkpoints", "step00000003", "objective_extra.safetensors")
+    saved = load_file(ckpt)
+    assert "center" in saved and any(k.startswith("teacher.encoder.blocks") for k in saved)
+    second = _train("configs/cpu/dino_tiny.yaml", ov, resume=first.run_dir)
+    rows = read_metrics(second.metrics_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in rows)
+    assert {"teacher_mean_entropy", "teacher_entropy", "teacher_temp", "teacher_momentum"} <= set(rows[-1])
+    # momentum schedule continued from the resumed step: cosine 0.99 -> 1 over 6 steps, logged for steps 0..5
+    want = [1 - 0.01 * (np.cos(np.pi * s / 6) + 1) / 2 for s in range(6)]
+    assert np.allclose([r["teacher_momentum"] for r in rows], want, atol=1e-6)
+    # the exported encoder is the teacher's backbone, and it loads strictly into the ViT
+    enc = load_file(second.export_paths["encoder"])
+    obj = load_file(second.export_paths["objective"])
+    assert all(torch.equal(v, obj[f"teacher.encoder.{k}"]) for k, v in enc.items())
+    assert not all(torch.equal(v, obj[f"encoder.{k}"]) for k, v in enc.items())  # not the student
+    from fastenc.models import create_vit
+
+    create_vit("vit_test").load_state_dict(enc, strict=True)
+    fp = json.load(open(os.path.join(first.run_dir, "fingerprint.json")))
+    assert fp["keys"]["data.shard_listing"] and "objective.name" not in fp["keys"]

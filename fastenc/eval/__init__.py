@@ -1,0 +1,1 @@
+"""Evaluation of trained encoders: k-NN on frozen features (linear probes, zero-shot and retrieval come next)."""

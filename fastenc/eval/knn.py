@@ -1,0 +1,142 @@
+"""Weighted k-NN classification on frozen encoder features (DINO's eval_knn protocol).
+
+Features: the encoder's pooled output (CLS token after the final norm) of eval-transformed images, L2-normalized.
+For each test feature the k most cosine-similar train features vote with weight exp(sim / T) for their label
+(k = 20, T = 0.07 as in facebookresearch/dino); top-1 accuracy over the test set. Labels are integer fields of the
+samples' .json (for the synthetic study data: category_id, color_id, style_id).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from fastenc.data.transforms import CorruptSample, decode_image, image_transform, locate_image
+
+
+class LabelledImage:
+    """sample_fn: raw sample -> {"image": eval-transformed [3,S,S], "label": int64 from the .json field}."""
+
+    def __init__(self, image_size: int, label_key: str):
+        self.transform = image_transform(image_size, train=False)
+        self.label_key = label_key
+
+    def __call__(self, sample: dict) -> dict:
+        if "json" not in sample:
+            raise CorruptSample(f"sample {sample.get('__key__', '?')!r} has no .json with labels")
+        meta = json.loads(sample["json"])
+        if self.label_key not in meta:
+            raise CorruptSample(f"sample {sample.get('__key__', '?')!r}: .json has no {self.label_key!r} "
+                                f"(keys: {sorted(meta)})")
+        where, ext = locate_image(sample)
+        try:
+            image = decode_image(sample[ext])
+        except CorruptSample as e:
+            raise CorruptSample(f"{where}: {e}") from e
+        return {"image": self.transform(image),
+                "label": torch.tensor(int(meta[self.label_key]), dtype=torch.long)}
+
+
+@torch.no_grad()
+def extract_features(encoder, shards, label_key: str, *, max_samples: int | None = None, batch_size: int = 256,
+                     num_workers: int = 0, device="cpu", progress: str | None = None):
+    """(features [N, D] L2-normalized fp32, labels [N]) over one pass of `shards` in order (no shuffle)."""
+    from fastenc.data.loader import build_loader
+
+    loader = build_loader(shards, sample_fn=LabelledImage(int(encoder.img_size), label_key), batch_size=batch_size,
+                          num_workers=num_workers, shuffle_buffer=0, resampled=False, drop_last=False)
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels, n = [], [], 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=progress, unit="img", total=max_samples, leave=False)
+    for batch in loader:
+        f = encoder(batch["image"].to(device)).float()
+        feats.append(F.normalize(f, dim=-1).cpu())
+        labels.append(batch["label"])
+        n += len(batch["label"])
+        if bar is not None:
+            bar.update(len(batch["label"]))
+        if max_samples is not None and n >= max_samples:
+            break
+    if bar is not None:
+        bar.close()
+    encoder.train(was_training)
+    if not feats:
+        raise ValueError(f"no usable samples with label {label_key!r} in {shards!r}")
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if max_samples is not None:
+        feats, labels = feats[:max_samples], labels[:max_samples]
+    return feats, labels
+
+
+def knn_classify(train_feats, train_labels, test_feats, *, k: int = 20, temperature: float = 0.07,
+                 num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Predicted labels [N_test]: weighted vote of the k nearest train features (cosine), weights exp(sim / T)."""
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"feature widths differ: train {train_feats.shape[1]}, test {test_feats.shape[1]}")
+    C = int(num_classes if num_classes is not None else train_labels.max() + 1)
+    k = min(k, train_feats.shape[0])
+    preds = []
+    for start in range(0, test_feats.shape[0], chunk):
+        sim = test_feats[start:start + chunk] @ train_feats.T  # [n, N_train]
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], C, dtype=sim.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, **kw) -> float:
+    return float((knn_classify(train_feats, train_labels, test_feats, **kw) == test_labels).float().mean())
+
+
+def load_exported_encoder(path: str, model: str | None = None):
+    """A ViT from export/encoder.safetensors (or a run dir holding export/), built from the export's metadata."""
+    import os
+
+    import yaml
+    from safetensors import safe_open
+
+    from fastenc.engine.checkpoint import load_encoder_state
+    from fastenc.models import create_vit
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "export", "encoder.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no exported encoder (train with export on, or pass the .safetensors)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    kwargs = {}
+    if model is None:
+        if "model" not in meta:
+            raise ValueError(f"{path} has no 'model' metadata: pass --model")
+        model = meta["model"]
+        if "fastenc_config" in meta:
+            mcfg = yaml.safe_load(meta["fastenc_config"]).get("model", {})
+            kwargs.update(mcfg.get("overrides") or {})
+            if mcfg.get("img_size"):
+                kwargs["img_size"] = mcfg["img_size"]
+            kwargs["global_pool"] = mcfg.get("global_pool", "token")
+    encoder = create_vit(model, **kwargs)
+    encoder.load_state_dict(load_encoder_state(path), strict=True)
+    return encoder.eval()
+
+
+def run_knn_command(args) -> int:
+    encoder = load_exported_encoder(args.encoder, args.model)
+    tr_f, tr_y = extract_features(encoder, args.train_shards, args.label, max_samples=args.max_train,
+                                  progress="features (train)")
+    va_f, va_y = extract_features(encoder, args.val_shards, args.label, max_samples=args.max_val,
+                                  progress="features (val)")
+    acc = knn_accuracy(tr_f, tr_y, va_f, va_y, k=args.k, temperature=args.temperature,
+                       num_classes=int(max(tr_y.max(), va_y.max())) + 1)
+    chance = float(torch.bincount(va_y).max()) / len(va_y)
+    print(f"knn {args.label}: top-1 {acc:.4f} (k={args.k}, T={args.temperature}; {len(tr_y)} train / {len(va_y)} "
+          f"val; majority-class baseline {chance:.4f})")
+    return 0

@@ -1,0 +1,136 @@
+"""The controlled-comparison guarantee: fingerprints, `fastenc config diff`, study files and `fastenc study`."""
+
+import json
+import os
+
+import pytest
+
+from fastenc.cli import main
+from fastenc.config import ConfigError, config_to_yaml, load_config
+from fastenc.study import diff_configs, fingerprint, load_study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = os.path.join(ROOT, "configs", "cpu")
+
+
+def _recipe(tmp_path, name, base, **sections):
+    """A recipe deriving from `base` with a few changed keys."""
+    lines = [f"base: {base}"] + [f"{k}" for k in []]
+    for section, values in sections.items():
+        lines.append(f"{section}:")
+        lines += [f"  {k}: {v}" for k, v in values.items()]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_cpu_recipes_are_controlled(capsys):
+    for other in ("siglip_tiny", "dino_tiny"):
+        assert main(["config", "diff", f"{CPU}/clip_tiny.yaml", f"{CPU}/{other}.yaml"]) == 0
+        out = capsys.readouterr().out
+        assert "controlled: yes" in out and "objective.name: 'clip' -> " in out
+    hashes = {fingerprint(load_config(f"{CPU}/{n}.yaml"))["hash"] for n in ("clip_tiny", "siglip_tiny", "dino_tiny")}
+    assert len(hashes) == 1
+
+
+def test_paper_recipes_are_controlled():
+    paper = os.path.join(ROOT, "configs", "paper")
+    cfgs = [load_config(f"{paper}/{n}.yaml") for n in ("clip_vit_b16", "siglip_vit_b16", "dino_vit_b16")]
+    assert all(diff_configs(cfgs[0], c).controlled for c in cfgs[1:])
+
+
+def test_changed_lr_is_not_controlled_and_named(tmp_path, capsys):
+    changed = _recipe(tmp_path, "dino_lr", f"{CPU}/dino_tiny.yaml", optim={"lr": "1.0e-3"})
+    assert main(["config", "diff", f"{CPU}/clip_tiny.yaml", changed]) == 1
+    out = capsys.readouterr().out
+    assert "controlled: NO" in out and "optim.lr" in out.splitlines()[-1]
+    assert "! optim.lr: 0.0003 -> 0.001" in out
+
+
+def test_keys_that_do_not_change_training_are_ignored(tmp_path):
+    base = load_config(f"{CPU}/clip_tiny.yaml")
+    same = load_config(f"{CPU}/clip_tiny.yaml", ["run.name=x", "engine.log_every=1", "engine.zero_stage=3",
+                                                   "engine.checkpoint_every=7", "run.output_dir=/tmp/elsewhere"])
+    assert diff_configs(base, same).controlled and fingerprint(base)["hash"] == fingerprint(same)["hash"]
+    for change in ("engine.precision=bf16", "data.batch_size=64", "run.seed=1", "schedule.steps=100",
+                   "model.drop_path_rate=0.1", "data.train_shards=elsewhere"):
+        cfg = load_config(f"{CPU}/clip_tiny.yaml", [change] + (["engine.zero_stage=2"] if "bf16" in change else []))
+        d = diff_configs(base, cfg)
+        assert not d.controlled and d.uncontrolled[0][0] == change.split("=")[0], change
+        assert fingerprint(cfg)["hash"] != fingerprint(base)["hash"], change
+
+
+def test_diff_reads_run_dirs(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_to_yaml(load_config(f"{CPU}/dino_tiny.yaml", ["optim.lr=5e-4"])))
+    assert main(["config", "diff", f"{CPU}/clip_tiny.yaml", str(run)]) == 1
+    assert "optim.lr" in capsys.readouterr().out
+    assert main(["config", "diff", f"{CPU}/clip_tiny.yaml", str(tmp_path)]) == 2  # a dir without config.yaml
+    assert "not a fastenc run dir" in capsys.readouterr().err
+
+
+def test_study_check(tmp_path, capsys):
+    assert main(["study", "check", f"{CPU}/study.yaml"]) == 0
+    assert "controlled" in capsys.readouterr().out
+    changed = _recipe(tmp_path, "dino_lr", f"{CPU}/dino_tiny.yaml", optim={"lr": "1.0e-3"},
+                      run={"name": "dino_lr"})
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nruns: [{CPU}/clip_tiny.yaml, {changed}]\n")
+    assert main(["study", "check", str(study)]) == 1
+    err = capsys.readouterr().err
+    assert "NOT controlled" in err and "optim.lr (0.0003 vs 0.001)" in err
+    assert main(["study", "run", str(study)]) == 1  # refuses to start
+
+
+def test_study_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: s\nrun: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['run'\\]"):
+        load_study(str(bad))
+    bad.write_text(f"runs: [{CPU}/clip_tiny.yaml]\n")
+    with pytest.raises(ConfigError, match="at least two"):
+        load_study(str(bad))
+    bad.write_text(f"runs: [{CPU}/clip_tiny.yaml, {CPU}/clip_tiny.yaml]\n")
+    with pytest.raises(ConfigError, match="distinct run.name"):
+        load_study(str(bad))
+
+
+def _fake_run(out_dir, recipe, shards, overrides=(), shard_listing=None):
+    cfg = load_config(recipe, [f"run.output_dir={out_dir}", f"data.train_shards={shards}", *overrides])
+    run = os.path.join(out_dir, cfg.run.name)
+    os.makedirs(run)
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(config_to_yaml(cfg))
+    fp = fingerprint(cfg, with_shards=True)
+    if shard_listing is not None:
+        fp["hash"] = "0" * 16
+        fp["keys"]["data.shard_listing"] = shard_listing
+    with open(os.path.join(run, "fingerprint.json"), "w") as f:
+        json.dump(fp, f)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 5, "loss": 1.5, "samples_seen": 640}) + "\n")
+
+
+def test_study_report(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(b"x" * 10)
+    out = tmp_path / "runs"
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nruns: [{CPU}/clip_tiny.yaml, {CPU}/dino_tiny.yaml]\n"
+                     f"overrides: [run.output_dir={out}, data.train_shards={shards}]\n")
+    assert main(["study", "report", str(study)]) == 2  # never run
+    assert "run the study first" in capsys.readouterr().err
+    _fake_run(out, f"{CPU}/clip_tiny.yaml", shards)
+    _fake_run(out, f"{CPU}/dino_tiny.yaml", shards)
+    assert main(["study", "report", str(study)]) == 0
+    text = capsys.readouterr().out
+    assert "controlled" in text and "dino_tiny" in text and "1.5000" in text
+    # Same configs, but the dino run saw other shard files: refused, naming the shard listing.
+    import shutil
+
+    shutil.rmtree(out / "dino_tiny")
+    _fake_run(out, f"{CPU}/dino_tiny.yaml", shards, shard_listing=[["b.tar", 10]])
+    assert main(["study", "report", str(study)]) == 1
+    assert "data.shard_listing" in capsys.readouterr().err
