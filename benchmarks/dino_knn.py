@@ -52,12 +52,14 @@ def parse_args(argv=None):
 def knn_scores(encoder, train_shards, val_shards, n_train, n_val) -> dict:
     from fastenc.eval.knn import extract_features, knn_accuracy
 
+    labels = ["category_id", "color_id"]
+    tr_f, tr_y = extract_features(encoder, train_shards, labels, max_samples=n_train, progress="features (train)")
+    va_f, va_y = extract_features(encoder, val_shards, labels, max_samples=n_val, progress="features (val)")
     out = {}
-    for label in ("category_id", "color_id"):
-        tr_f, tr_y = extract_features(encoder, train_shards, label, max_samples=n_train, progress=f"train {label}")
-        va_f, va_y = extract_features(encoder, val_shards, label, max_samples=n_val, progress=f"val {label}")
-        out[label] = knn_accuracy(tr_f, tr_y, va_f, va_y, num_classes=int(max(tr_y.max(), va_y.max())) + 1)
-        out[f"{label}_chance"] = float(va_y.bincount().max()) / len(va_y)
+    for i, label in enumerate(labels):
+        out[label] = knn_accuracy(tr_f, tr_y[:, i], va_f, va_y[:, i],
+                                  num_classes=int(max(tr_y[:, i].max(), va_y[:, i].max())) + 1)
+        out[f"{label}_chance"] = float(va_y[:, i].bincount().max()) / len(va_y)
     return out
 
 

@@ -106,6 +106,10 @@ class OptimConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
+    clip_grad_per_param: float = 0.0
+    """Clip each parameter's gradient norm to this value, as facebookresearch/dino's clip_gradients (0 disables).
+    Needs engine.zero_stage=0 (ZeRO-1/2/3 keep gradients partitioned, not per parameter); applied after the
+    data-parallel averaging and before the global clip."""
 
 
 @dataclass
@@ -333,6 +337,11 @@ def validate(cfg: Config) -> None:
     if cfg.engine.compile and cfg.engine.zero_stage == 3:
         raise ConfigError("engine.compile=true is not supported with engine.zero_stage=3 (ZeRO-3's parameter "
                           "gathering hooks would run inside compiled blocks); use ZeRO-2 or compile=false")
+    if cfg.optim.clip_grad_per_param < 0:
+        raise ConfigError("optim.clip_grad_per_param must be >= 0 (0 disables)")
+    if cfg.optim.clip_grad_per_param and cfg.engine.zero_stage != 0:
+        raise ConfigError("optim.clip_grad_per_param needs engine.zero_stage=0: with ZeRO-1/2/3 DeepSpeed keeps the "
+                          "gradients in flat partitions, not per parameter (use optim.clip_grad instead)")
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards is empty: point it at webdataset shards (dir, brace pattern or list)")
 

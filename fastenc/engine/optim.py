@@ -26,3 +26,15 @@ def build_optimizer(module: nn.Module, optim_cfg, no_decay_names: set[str]) -> t
     groups = param_groups(module, optim_cfg.weight_decay, no_decay_names)
     fused = torch.cuda.is_available()
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=fused)
+
+
+@torch.no_grad()
+def clip_grad_per_param_(parameters, max_norm: float) -> None:
+    """facebookresearch/dino's clip_gradients: scale each gradient whose norm exceeds max_norm to about max_norm
+    (factor max_norm / (norm + 1e-6)), parameter by parameter, in place."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        norm = p.grad.detach().norm(2)
+        factor = max_norm / (norm + 1e-6)
+        p.grad.mul_(torch.where(factor < 1, factor, torch.ones_like(factor)))

@@ -26,7 +26,7 @@ from fastenc.engine.checkpoint import (
 )
 from fastenc.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from fastenc.engine.logging import MetricsLogger
-from fastenc.engine.optim import build_optimizer
+from fastenc.engine.optim import build_optimizer, clip_grad_per_param_
 from fastenc.engine.schedules import PrecomputedLR, warmup_cosine
 
 log = logging.getLogger("fastenc")
@@ -190,6 +190,8 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
             engine.backward(loss)
+            if cfg.optim.clip_grad_per_param and engine.is_gradient_accumulation_boundary():
+                clip_grad_per_param_(module.parameters(), cfg.optim.clip_grad_per_param)  # ZeRO-0: grads averaged
             if sync:
                 torch.cuda.synchronize()
             t3 = time.perf_counter()

@@ -17,18 +17,19 @@ from fastenc.data.transforms import CorruptSample, decode_image, image_transform
 
 
 class LabelledImage:
-    """sample_fn: raw sample -> {"image": eval-transformed [3,S,S], "label": int64 from the .json field}."""
+    """sample_fn: raw sample -> {"image": eval-transformed [3,S,S], "label": int64 [L] from the .json fields}."""
 
-    def __init__(self, image_size: int, label_key: str):
+    def __init__(self, image_size: int, label_keys):
         self.transform = image_transform(image_size, train=False)
-        self.label_key = label_key
+        self.label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
 
     def __call__(self, sample: dict) -> dict:
         if "json" not in sample:
             raise CorruptSample(f"sample {sample.get('__key__', '?')!r} has no .json with labels")
         meta = json.loads(sample["json"])
-        if self.label_key not in meta:
-            raise CorruptSample(f"sample {sample.get('__key__', '?')!r}: .json has no {self.label_key!r} "
+        missing = [k for k in self.label_keys if k not in meta]
+        if missing:
+            raise CorruptSample(f"sample {sample.get('__key__', '?')!r}: .json has no {missing[0]!r} "
                                 f"(keys: {sorted(meta)})")
         where, ext = locate_image(sample)
         try:
@@ -36,13 +37,15 @@ class LabelledImage:
         except CorruptSample as e:
             raise CorruptSample(f"{where}: {e}") from e
         return {"image": self.transform(image),
-                "label": torch.tensor(int(meta[self.label_key]), dtype=torch.long)}
+                "label": torch.tensor([int(meta[k]) for k in self.label_keys], dtype=torch.long)}
 
 
 @torch.no_grad()
-def extract_features(encoder, shards, label_key: str, *, max_samples: int | None = None, batch_size: int = 256,
+def extract_features(encoder, shards, label_key, *, max_samples: int | None = None, batch_size: int = 256,
                      num_workers: int = 0, device="cpu", progress: str | None = None):
-    """(features [N, D] L2-normalized fp32, labels [N]) over one pass of `shards` in order (no shuffle)."""
+    """(features [N, D] L2-normalized fp32, labels) over one pass of `shards` in order (no shuffle).
+
+    label_key: one .json field (labels [N]) or a list of fields (labels [N, len(list)], one pass for all)."""
     from fastenc.data.loader import build_loader
 
     loader = build_loader(shards, sample_fn=LabelledImage(int(encoder.img_size), label_key), batch_size=batch_size,
@@ -72,7 +75,7 @@ def extract_features(encoder, shards, label_key: str, *, max_samples: int | None
     feats, labels = torch.cat(feats), torch.cat(labels)
     if max_samples is not None:
         feats, labels = feats[:max_samples], labels[:max_samples]
-    return feats, labels
+    return feats, (labels[:, 0] if isinstance(label_key, str) else labels)
 
 
 def knn_classify(train_feats, train_labels, test_feats, *, k: int = 20, temperature: float = 0.07,

@@ -53,6 +53,8 @@ def test_features_and_cli_on_an_exported_encoder(shards, tmp_path, capsys):
     feats, labels = extract_features(enc, str(shards / "train"), "category_id")
     assert feats.shape == (60, 64) and labels.shape == (60,)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(60))
+    both_f, both = extract_features(enc, str(shards / "train"), ["category_id", "color_id"], max_samples=50)
+    assert both.shape == (50, 2) and torch.equal(both[:, 0], labels[:50]) and torch.allclose(both_f, feats[:50])
     meta = json.loads((shards / "train" / "manifest.json").read_text())
     assert meta["num_samples"] == 60
     path = tmp_path / "encoder.safetensors"
