@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastenc.losses.dino import dino_loss, teacher_batch_sum
@@ -209,11 +210,7 @@ class DINOObjective(Objective):
         if self._step < self.cfg.objective.freeze_last_layer_steps:
             # No gradient reaches the prototype layer. Its weight decay then only rescales V, which the weight norm
             # divides out, and Adam's moments stay zero: the layer is frozen, as with the reference's grad = None.
-            from fastenc.models.dino_head import DINOHead
-
-            head: DINOHead = self.head
-            import torch.nn.functional as F
-
+            head = self.head
             z = F.normalize(head.mlp(x), dim=-1)
             v, g = head.last_layer_v.detach(), head.last_layer_g.detach()
             w = g * v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
