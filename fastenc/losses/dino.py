@@ -123,4 +123,9 @@ def dino_center_update(center: torch.Tensor, teacher_output: torch.Tensor, momen
         packed = torch.cat([batch_sum.flatten(), count])
         torch.distributed.all_reduce(packed, group=group)
         batch_sum, count = packed[:-1].view(1, -1), packed[-1:]
-    return center.float() * momentum + (batch_sum / count) * (1 - momentum)
+    return center_ema(center, batch_sum, count, momentum)
+
+
+def center_ema(center: torch.Tensor, batch_sum: torch.Tensor, count, momentum: float) -> torch.Tensor:
+    """c' = m c + (1 - m) * batch_sum / count: the center step, given the (already all-reduced) teacher sum."""
+    return center.float() * momentum + (batch_sum.reshape(1, -1) / count) * (1 - momentum)

@@ -46,8 +46,11 @@ class DINOHead(nn.Module):
         """The prototype layer's trainable parameters (frozen for the first steps by the DINO objective)."""
         return [p for p in (self.last_layer_v, self.last_layer_g) if p.requires_grad]
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
+        """freeze_last_layer: no gradient reaches the prototype layer (the MLP still trains)."""
         z_NZ = F.normalize(self.mlp(x_ND), dim=-1, p=2)
-        v = self.last_layer_v
-        w_KZ = self.last_layer_g * v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        v, g = self.last_layer_v, self.last_layer_g
+        if freeze_last_layer:
+            v, g = v.detach(), g.detach()
+        w_KZ = g * v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return z_NZ @ w_KZ.to(z_NZ.dtype).T

@@ -36,10 +36,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastenc.losses.dino import dino_loss, teacher_batch_sum
+from fastenc.losses.dino import center_ema, dino_loss, teacher_batch_sum
 from fastenc.objectives import register_objective
 from fastenc.objectives.base import Objective, build_encoder
 
@@ -207,15 +206,9 @@ class DINOObjective(Objective):
         return loss, metrics
 
     def _student_head(self, x):
-        if self._step < self.cfg.objective.freeze_last_layer_steps:
-            # No gradient reaches the prototype layer. Its weight decay then only rescales V, which the weight norm
-            # divides out, and Adam's moments stay zero: the layer is frozen, as with the reference's grad = None.
-            head = self.head
-            z = F.normalize(head.mlp(x), dim=-1)
-            v, g = head.last_layer_v.detach(), head.last_layer_g.detach()
-            w = g * v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return z @ w.to(z.dtype).T
-        return self.head(x)
+        # Frozen prototype layer: no gradient reaches it. Its weight decay then only rescales V, which the weight
+        # norm divides out, and Adam's moments stay zero: frozen, as with the reference's grad = None.
+        return self.head(x, freeze_last_layer=self._step < self.cfg.objective.freeze_last_layer_steps)
 
     @torch.no_grad()
     def on_step_end(self, step: int) -> None:
@@ -227,9 +220,8 @@ class DINOObjective(Objective):
                     work.wait()
                 total += packed
             self._pending.clear()
-            m = self.cfg.objective.center_momentum
-            batch_mean = (total[1:] / total[0]).view(1, -1)
-            object.__setattr__(self, "center", self.center * m + batch_mean * (1 - m))
+            object.__setattr__(self, "center", center_ema(self.center, total[1:], total[:1],
+                                                          self.cfg.objective.center_momentum))
         self.update_teacher(self.teacher_momentum(step))
 
     @torch.no_grad()
