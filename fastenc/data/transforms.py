@@ -135,14 +135,15 @@ class _GaussianBlur:
 
 
 def multicrop_transforms(global_size: int, local_size: int, *, num_global: int = 2,
-                         global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+                         global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), blur_radius=(0.1, 2.0),
                          mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
     """DINO's DataAugmentationDINO as torchvision transforms: (list of per-global-crop transforms, local transform).
 
     Every crop: RandomResizedCrop (bicubic) -> flip p 0.5 -> color jitter (0.4, 0.4, 0.2, 0.1) p 0.8 -> grayscale
     p 0.2 -> blur -> normalize. Blur p 1.0 on global crop 1; p 0.1 and solarize p 0.2 on global crop 2 (and any
     further global crop); p 0.5 on local crops. Normalization is the same mean/std as the image-text objectives
-    (the study keeps the pipeline identical across objectives; DINO's reference uses ImageNet's).
+    (the study keeps the pipeline identical across objectives; DINO's reference uses ImageNet's). blur_radius: the
+    blur's radius range in output pixels (the reference's 0.1-2.0 px are for 224 px global / 96 px local crops).
     """
     from torchvision import transforms as T
 
@@ -154,14 +155,21 @@ def multicrop_transforms(global_size: int, local_size: int, *, num_global: int =
     ]
     normalize = [_to_rgb, T.ToTensor(), T.Normalize(mean, std)]
 
+    lo, hi = (float(r) for r in blur_radius)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"blur_radius must be [min, max] with 0 <= min <= max, got {list(blur_radius)}")
+
+    def blur(p):
+        return _GaussianBlur(p, lo, hi)
+
     def crop(size, scale):
         return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic, antialias=True)
 
-    globals_ = [T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, _GaussianBlur(1.0), *normalize])]
+    globals_ = [T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, blur(1.0), *normalize])]
     for _ in range(num_global - 1):
-        globals_.append(T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, _GaussianBlur(0.1),
+        globals_.append(T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, blur(0.1),
                                    T.RandomSolarize(threshold=128, p=0.2), *normalize]))
-    local = T.Compose([crop(local_size, local_scale), *flip_and_color_jitter, _GaussianBlur(0.5), *normalize])
+    local = T.Compose([crop(local_size, local_scale), *flip_and_color_jitter, blur(0.5), *normalize])
     return globals_, local
 
 

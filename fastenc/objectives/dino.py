@@ -67,6 +67,9 @@ class DinoConfig:
     """Local crop resolution in px (a multiple of the patch size); global crops use the model's img_size."""
     local_crop_scale: list = field(default_factory=lambda: [0.05, 0.25])
     """RandomResizedCrop area range of the local crops."""
+    blur_radius: list = field(default_factory=lambda: [0.1, 2.0])
+    """Gaussian-blur radius range in output pixels (the reference's 0.1-2.0 px at 224 px global / 96 px local
+    crops; scale it down with the resolution, or a 64 px crop loses its shapes)."""
     student_temp: float = 0.1
     """Student softmax temperature."""
     teacher_temp: float = 0.07
@@ -149,7 +152,8 @@ class DINOObjective(Objective):
 
         o = self.cfg.objective
         globals_, local = multicrop_transforms(self.image_size, o.local_crop_size, num_global=o.num_global_crops,
-                                               global_scale=o.global_crop_scale, local_scale=o.local_crop_scale)
+                                               global_scale=o.global_crop_scale, local_scale=o.local_crop_scale,
+                                               blur_radius=o.blur_radius)
         return MultiCropSample(globals_, local, o.local_crops)
 
     # ----- training -----

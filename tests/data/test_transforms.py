@@ -161,3 +161,24 @@ def test_dino_blur_and_solarize_probabilities():
     assert [t.p for t in globals_[1].transforms if isinstance(t, T.RandomSolarize)] == [0.2]
     assert not any(isinstance(t, T.RandomSolarize) for t in globals_[0].transforms)
     assert [t.p for t in local.transforms if isinstance(t, _GaussianBlur)] == [0.5]
+
+
+def test_dino_blur_radius_is_configurable_and_validated():
+    """blur_radius reaches every crop's blur (the reference's 0.1-2.0 px by default), and the blur it draws stays
+    in range: a radius-0 blur leaves the image as it is, a large one smooths it."""
+    from fastenc.data.transforms import _GaussianBlur, multicrop_transforms
+
+    def radii(g, loc):
+        return {(t.radius_min, t.radius_max) for c in [*g, loc] for t in c.transforms if isinstance(t, _GaussianBlur)}
+
+    assert radii(*multicrop_transforms(32, 16)) == {(0.1, 2.0)}
+    assert radii(*multicrop_transforms(32, 16, blur_radius=[0.03, 0.6])) == {(0.03, 0.6)}
+    with pytest.raises(ValueError, match="blur_radius"):
+        multicrop_transforms(32, 16, blur_radius=[1.0, 0.5])
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    sharp = np.asarray(_GaussianBlur(1.0, 0.0, 0.0)(img), dtype=np.float32)
+    smooth = np.asarray(_GaussianBlur(1.0, 3.0, 3.0)(img), dtype=np.float32)
+    assert np.array_equal(sharp, np.asarray(img, dtype=np.float32))
+    assert smooth.std() < 0.5 * sharp.std()

@@ -34,8 +34,8 @@ def _batch(seed=1, size=32):
 
 
 def test_forward_equals_reference_over_two_resolutions():
-    obj = _build("objective.warmup_teacher_temp_steps=4", "objective.teacher_temp=0.07",
-                 "objective.freeze_last_layer_steps=0")
+    obj = _build("objective.warmup_teacher_temp_steps=4", "objective.warmup_teacher_temp=0.04",
+                 "objective.teacher_temp=0.07", "objective.freeze_last_layer_steps=0")
     obj.on_step_start(2)
     batch = _batch()
     # Make the teacher differ from the student and the center non-zero, so both matter.
