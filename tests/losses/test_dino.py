@@ -6,18 +6,13 @@ crop counts and batch sizes, in fp32 and bf16. The center update is checked with
 """
 
 import math
-import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from fastenc.engine.distributed import free_port
 from fastenc.losses.dino import dino_center_update, dino_loss, dino_loss_ref
+from tests.gloo import run_ranks
 
 from .helpers import rel_err
 
@@ -114,40 +109,19 @@ def test_center_update_single_process():
 WORLD, LOCAL_ROWS, K = 2, (3, 5), 11  # unequal local row counts: the mean is over rows, not over rank means
 
 
-def _center_worker(rank, port, out_dir):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=30))
-        g = torch.Generator().manual_seed(0)
-        teacher = torch.randn(sum(LOCAL_ROWS), K, generator=g)
-        center = torch.randn(1, K, generator=g)
-        start = sum(LOCAL_ROWS[:rank])
-        local = teacher[start:start + LOCAL_ROWS[rank]]
-        new = dino_center_update(center, local, momentum=0.9, distributed=True)
-        torch.save({"new": new, "teacher": teacher, "center": center}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _center_worker(rank, world):
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(sum(LOCAL_ROWS), K, generator=g)
+    center = torch.randn(1, K, generator=g)
+    start = sum(LOCAL_ROWS[:rank])
+    local = teacher[start:start + LOCAL_ROWS[rank]]
+    new = dino_center_update(center, local, momentum=0.9, distributed=True)
+    return {"new": new, "teacher": teacher, "center": center}
 
 
 @pytest.mark.distributed
 def test_center_update_two_ranks(tmp_path):
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_center_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(90)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = "".join((tmp_path / f"rank{r}.err").read_text() for r in range(WORLD) if (tmp_path / f"rank{r}.err").exists())
-    assert not errors and all(p.exitcode == 0 for p in procs), errors
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    res = run_ranks(_center_worker, WORLD, tmp_path, timeout_s=90)
     want = 0.9 * res[0]["center"] + 0.1 * res[0]["teacher"].mean(0, keepdim=True)
     for r in range(WORLD):
         torch.testing.assert_close(res[r]["new"], want, rtol=1e-6, atol=1e-6)

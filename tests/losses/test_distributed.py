@@ -8,21 +8,17 @@ gradient then travels back through chained exchanges) and a non-zero label offse
 """
 
 import math
-import os
-import socket
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fastenc.losses import clip_loss, clip_loss_ref, siglip_loss, siglip_loss_ref
+from tests.gloo import run_ranks
 
 B, D_IN, D = 5, 12, 20  # local batch (odd), input width, feature width (not a power of two)
-TIMEOUT_S = 90  # whole run of the ranks (about 1 s when forked); gloo itself times out after 30 s
+TIMEOUT_S = 90  # whole run of the ranks (about 1 s when forked); gloo itself times out after 60 s
 
 
 def _encode(x, W):
@@ -71,66 +67,29 @@ def _data_parallel_step(kind, rank, world, group):
     return {"full": full.detach(), "full_grads": full_grads, "losses": torch.stack(losses), "dp_grads": dp_grads}
 
 
-def _worker(rank, world, port, out_dir):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=30))
-        res = {}
-        # First call on a fresh group: unequal local batches must be refused on every rank (not hang).
-        img, txt = torch.randn(3 + rank, D), torch.randn(3 + rank, D)
-        unequal = dist.new_group(list(range(world)))
-        for kind, call in (("clip", lambda: clip_loss(img, txt, 10.0, distributed=True, group=unequal)),
-                           ("siglip", lambda: siglip_loss(img, txt, 10.0, -10.0, distributed=True, group=unequal))):
-            try:
-                call()
-                res[f"unequal_{kind}"] = "no error"
-            except ValueError as e:
-                res[f"unequal_{kind}"] = str(e)
-            dist.barrier()
-        sub = dist.new_group(list(range(world)))  # group=None and an explicit group object take different paths
-        for kind in ("clip", "siglip"):
-            res[kind] = _data_parallel_step(kind, rank, world, None)
-            res[f"{kind}_group"] = _data_parallel_step(kind, rank, world, sub)
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world, out_dir):
-    # fork: spawn would re-import torch in every rank (5-20 s on two busy cores); the ranks use one thread and
-    # never touch CUDA, which keeps forking a process that has run torch ops safe.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out_dir))) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(TIMEOUT_S)
-    hung = [r for r, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = "".join(f"\n--- rank {r} ---\n{(out_dir / f'rank{r}.err').read_text()}"
-                     for r in range(world) if (out_dir / f"rank{r}.err").exists())
-    if errors or hung or any(proc.exitcode != 0 for proc in procs):
-        pytest.fail(f"{world} gloo ranks: hung {hung}, exit codes {[p.exitcode for p in procs]}{errors}")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+def _worker(rank, world):
+    res = {}
+    # First call on a fresh group: unequal local batches must be refused on every rank (not hang).
+    img, txt = torch.randn(3 + rank, D), torch.randn(3 + rank, D)
+    unequal = dist.new_group(list(range(world)))
+    for kind, call in (("clip", lambda: clip_loss(img, txt, 10.0, distributed=True, group=unequal)),
+                       ("siglip", lambda: siglip_loss(img, txt, 10.0, -10.0, distributed=True, group=unequal))):
+        try:
+            call()
+            res[f"unequal_{kind}"] = "no error"
+        except ValueError as e:
+            res[f"unequal_{kind}"] = str(e)
+        dist.barrier()
+    sub = dist.new_group(list(range(world)))  # group=None and an explicit group object take different paths
+    for kind in ("clip", "siglip"):
+        res[kind] = _data_parallel_step(kind, rank, world, None)
+        res[f"{kind}_group"] = _data_parallel_step(kind, rank, world, sub)
+    return res
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def ranks(request, tmp_path_factory):
-    return _spawn(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
+    return run_ranks(_worker, request.param, tmp_path_factory.mktemp(f"world{request.param}"), timeout_s=TIMEOUT_S)
 
 
 CASES = ["clip", "clip_group", "siglip", "siglip_group"]

@@ -6,17 +6,15 @@
 2. A checkpoint restores the teacher, the center, the optimizer and the schedules exactly: a fresh engine that
    loads it then takes the same next step as the engine that wrote it.
 
-Each world runs in fresh spawned processes (DeepSpeed keeps process-global state; forking after OpenMP can hang).
+Each world runs in fresh spawned processes (tests/gloo.py; DeepSpeed keeps process-global state).
 """
 
 import os
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from fastenc.engine.distributed import free_port
+from tests.gloo import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GLOBAL_B, G, N, STEPS = 4, 2, 2, 3
@@ -75,56 +73,34 @@ def _snapshot(module):
     return {k: v.clone() for k, v in module.extra_state().items()}
 
 
-def _worker(rank, world, port, zero_stage, out_dir, check_resume):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank))
-        torch.set_num_threads(1)
-        from fastenc.engine.checkpoint import load_checkpoint, save_checkpoint
-        from fastenc.engine.distributed import init_distributed
+def _worker(rank, world, zero_stage, out_dir, check_resume):
+    from fastenc.engine.checkpoint import load_checkpoint, save_checkpoint
+    from fastenc.engine.distributed import init_distributed
 
-        init_distributed(None)
-        cfg = _cfg(f"engine.zero_stage={zero_stage}")
-        engine, micro = _engine(cfg, world)
-        init = _snapshot(engine.module)
-        for step in range(STEPS):
-            _step(engine, micro, step, rank)
-        out = {"state": _snapshot(engine.module), "init": init}
-        if check_resume:
-            ckpt = os.path.join(out_dir, "ckpt")
-            save_checkpoint(engine, ckpt, STEPS, {"step": STEPS}, is_main=rank == 0,
-                            extra_state=engine.module.extra_state())
-            fresh, _ = _engine(cfg, world, seed=123)  # different init: everything must come from the checkpoint
-            client = load_checkpoint(fresh, ckpt, fresh.module)
-            out["client_step"] = client["step"]
-            out["restored"] = _snapshot(fresh.module)
-            _step(engine, micro, STEPS, rank)
-            _step(fresh, micro, STEPS, rank)
-            out["next_original"], out["next_restored"] = _snapshot(engine.module), _snapshot(fresh.module)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        torch.distributed.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    init_distributed(None)  # from the env that run_ranks sets, as under the deepspeed launcher
+    cfg = _cfg(f"engine.zero_stage={zero_stage}")
+    engine, micro = _engine(cfg, world)
+    init = _snapshot(engine.module)
+    for step in range(STEPS):
+        _step(engine, micro, step, rank)
+    out = {"state": _snapshot(engine.module), "init": init}
+    if check_resume:
+        ckpt = os.path.join(out_dir, "ckpt")
+        save_checkpoint(engine, ckpt, STEPS, {"step": STEPS}, is_main=rank == 0,
+                        extra_state=engine.module.extra_state())
+        fresh, _ = _engine(cfg, world, seed=123)  # different init: everything must come from the checkpoint
+        client = load_checkpoint(fresh, ckpt, fresh.module)
+        out["client_step"] = client["step"]
+        out["restored"] = _snapshot(fresh.module)
+        _step(engine, micro, STEPS, rank)
+        _step(fresh, micro, STEPS, rank)
+        out["next_original"], out["next_restored"] = _snapshot(engine.module), _snapshot(fresh.module)
+    return out
 
 
 def _run(world, zero_stage, out_dir, check_resume=False):
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, zero_stage, str(out_dir), check_resume))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = "".join(f"--- rank {r}\n" + (out_dir / f"rank{r}.err").read_text()
-                     for r in range(world) if (out_dir / f"rank{r}.err").exists())
-    assert not errors and all(p.exitcode == 0 for p in procs), errors or [p.exitcode for p in procs]
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return run_ranks(_worker, world, out_dir, zero_stage, str(out_dir), check_resume, start_method="spawn",
+                     timeout_s=300, init_process_group=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,13 @@ that the objectives call them correctly (normalization, scale clamp, bias, distr
 """
 
 import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastenc.config import load_config
-from fastenc.engine.distributed import free_port
+from tests.gloo import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORLD, B = 2, 3  # local batch of 3 (odd); global batch 6
@@ -52,28 +49,19 @@ def _grads(obj):
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in obj.named_parameters()}
 
 
-def _rank(rank, port, kind, tokenizer_path, out):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=60))
-        obj = _build(kind, tokenizer_path)
-        batch = _batch(obj)
-        local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
-        loss, _ = obj(local)
-        loss.backward()
-        grads = _grads(obj)
-        for g in grads.values():  # DeepSpeed's data-parallel reduction: sum over ranks, divide by world size
-            dist.all_reduce(g)
-            g /= WORLD
-        losses = [torch.zeros(()) for _ in range(WORLD)]
-        dist.all_gather(losses, loss.detach())
-        torch.save({"grads": grads, "loss": torch.stack(losses).mean()}, os.path.join(out, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - the parent reports the child's traceback
-        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _rank(rank, world, kind, tokenizer_path):
+    obj = _build(kind, tokenizer_path)
+    batch = _batch(obj)
+    local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
+    loss, _ = obj(local)
+    loss.backward()
+    grads = _grads(obj)
+    for g in grads.values():  # DeepSpeed's data-parallel reduction: sum over ranks, divide by world size
+        dist.all_reduce(g)
+        g /= world
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    return {"grads": grads, "loss": torch.stack(losses).mean()}
 
 
 @pytest.mark.distributed
@@ -84,22 +72,8 @@ def test_two_rank_gradients_equal_full_batch(kind, tokenizer_path, tmp_path):
     loss.backward()
     want = _grads(obj)
 
-    port = free_port()
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, port, kind, tokenizer_path, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
-        err = tmp_path / f"rank{r}.err"
-        assert not err.exists(), err.read_text()
-        assert p.exitcode == 0, f"rank {r} exited with {p.exitcode}"
-
-    for r in range(WORLD):
-        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+    results = run_ranks(_rank, WORLD, tmp_path, kind, tokenizer_path)
+    for got in results:
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
         assert set(got["grads"]) == set(want)
         for name, g in want.items():
