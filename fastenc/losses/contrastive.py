@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastenc.losses.chunked import clip_rows_chunked
 from fastenc.losses.dispatch import Impl, check_features, check_scalar, resolve_impl
 from fastenc.losses.distributed import all_gather_with_grad, check_equal_batch, world_info
 
@@ -33,8 +34,10 @@ def _clip_rows_ref(img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset: int) -> 
     return (F.cross_entropy(logits_img_BN, labels_B) + F.cross_entropy(logits_txt_BN, labels_B)) / 2
 
 
-# Fastest first: "auto" takes the first available. Signature: (img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset).
-_CLIP_IMPLS = {"reference": Impl(_clip_rows_ref)}
+# Preference order for "auto" (first available). Signature: (img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset).
+# "chunked" (O(chunk * N) loss memory, fastenc.losses.chunked) stays behind "reference" until
+# benchmarks/bench_contrastive.py measures where it wins.
+_CLIP_IMPLS = {"reference": Impl(_clip_rows_ref), "chunked": Impl(clip_rows_chunked)}
 
 
 def clip_loss(
@@ -51,7 +54,8 @@ def clip_loss(
     With I, T the [B, D] L2-normalized image and text features and t = logit_scale (already exponentiated; a
     python number or a 0-dim tensor, which then receives a gradient):
         loss = (CE(t * I T^T, diag) + CE(t * T I^T, diag)) / 2,  CE = mean cross-entropy over rows,
-    the value of open_clip's ClipLoss. Returns an fp32 scalar. `impl`: "reference" or "auto" (best available).
+    the value of open_clip's ClipLoss. Returns an fp32 scalar. `impl`: "reference" (B x N logits), "chunked"
+    (rows in chunks, tiles recomputed in backward: no B x N tensor kept) or "auto".
 
     distributed=True (open_clip's local_loss=True, gather_with_grad=True): each of the W ranks passes its local
     [B, D] features; I_all, T_all [N, D] are all ranks' features gathered with gradient, and rank r returns

@@ -17,7 +17,7 @@ import torch
 from fastenc.utils.optional import is_available, require, warn_once
 
 # Every value the `impl=` argument of a loss accepts; a given loss may implement a subset (its error lists which).
-LOSS_IMPLS = ("auto", "reference")
+LOSS_IMPLS = ("auto", "reference", "chunked")
 
 
 @dataclass(frozen=True)

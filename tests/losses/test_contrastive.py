@@ -23,7 +23,8 @@ def clip_open_clip(img, txt, scale):
 
 
 ORACLES = {"inline": clip_inline, "open_clip": clip_open_clip}
-CANDIDATES = {"clip_loss": clip_loss, "clip_loss_auto": partial(clip_loss, impl="auto"), "clip_loss_ref": clip_loss_ref}
+CANDIDATES = {"clip_loss": clip_loss, "clip_loss_auto": partial(clip_loss, impl="auto"), "clip_loss_ref": clip_loss_ref,
+              "clip_loss_chunked": partial(clip_loss, impl="chunked")}
 
 
 @pytest.mark.parametrize("B", [1, 2, 13])

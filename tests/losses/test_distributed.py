@@ -37,14 +37,15 @@ def _problem(world):
 
 
 def _full_batch_loss(kind, img, txt, p):
-    if kind == "clip":
+    if kind.startswith("clip"):
         return clip_loss_ref(img, txt, p["log_scale"].exp())
     return siglip_loss_ref(img, txt, p["log_scale"].exp(), p["bias"])
 
 
 def _local_loss(kind, img, txt, p, group):
-    if kind == "clip":
-        return clip_loss(img, txt, p["log_scale"].exp(), distributed=True, group=group)
+    if kind.startswith("clip"):
+        impl = "chunked" if kind == "clip_chunked" else "reference"
+        return clip_loss(img, txt, p["log_scale"].exp(), distributed=True, group=group, impl=impl)
     return siglip_loss(img, txt, p["log_scale"].exp(), p["bias"], distributed=True, group=group)
 
 
@@ -81,7 +82,7 @@ def _worker(rank, world):
             res[f"unequal_{kind}"] = str(e)
         dist.barrier()
     sub = dist.new_group(list(range(world)))  # group=None and an explicit group object take different paths
-    for kind in ("clip", "siglip"):
+    for kind in ("clip", "clip_chunked", "siglip"):
         res[kind] = _data_parallel_step(kind, rank, world, None)
         res[f"{kind}_group"] = _data_parallel_step(kind, rank, world, sub)
     return res
@@ -92,7 +93,7 @@ def ranks(request, tmp_path_factory):
     return run_ranks(_worker, request.param, tmp_path_factory.mktemp(f"world{request.param}"), timeout_s=TIMEOUT_S)
 
 
-CASES = ["clip", "clip_group", "siglip", "siglip_group"]
+CASES = ["clip", "clip_group", "clip_chunked", "clip_chunked_group", "siglip", "siglip_group"]
 
 
 @pytest.mark.distributed

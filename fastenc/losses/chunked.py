@@ -1,0 +1,98 @@
+"""Chunked losses in plain torch: no B x N tensor is kept for backward; tiles are recomputed there.
+
+The always-available memory-lean path (`impl="chunked"`): a custom autograd Function processes R rows at a time,
+keeps only O(B) row statistics between forward and backward, and recomputes each [R, N] tile of logits in backward.
+Peak memory is O(R * N) for the tile plus O((B + N) * D) for the features and their gradients, instead of the
+reference's O(B * N) logits, softmax and gradient tensors.
+
+Shapes: B = local rows, N = all columns (N = B in one process; all ranks' rows when distributed), D = feature dim,
+R = rows per chunk. Numerics follow the references: the similarity matmul runs in the features' dtype, its result
+is upcast to fp32 before scaling, log-sum-exp and softmax; gradient matmuls run in the features' dtype on fp32
+tile gradients cast down (what autograd does through the reference's `.float()`), with the column gradients
+accumulated over chunks in fp32.
+
+Tile work per step (CLIP, both directions): forward computes each direction's tiles once (2 B x N x D products);
+backward recomputes them once (2 more) and spends 4 on the gradients. Both directions are separate passes here,
+as in Inf-CL; sharing one tile between the row and the column softmax is the job of the fused kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+
+def _row_lse(X_BD, Y_ND, t, offset, chunk):
+    """Per row i: logsumexp_j(t * x_i.y_j) and the positive logit t * x_i.y_{offset+i}, fp32 [B] each."""
+    B = X_BD.shape[0]
+    lse, pos = torch.empty(B, device=X_BD.device), torch.empty(B, device=X_BD.device)
+    for r0 in range(0, B, chunk):
+        r1 = min(r0 + chunk, B)
+        Z_RN = t * (X_BD[r0:r1] @ Y_ND.T).float()
+        lse[r0:r1] = torch.logsumexp(Z_RN, dim=1)
+        rows = torch.arange(r1 - r0, device=X_BD.device)
+        pos[r0:r1] = Z_RN[rows, offset + r0 + rows]
+    return lse, pos
+
+
+def _row_backward(X_BD, Y_ND, t, lse_B, offset, chunk, w, need_x, need_y, need_t):
+    """Gradients of w * sum_i (lse_i - z_i,pos) w.r.t. X [B, D], Y [N, D] and t, recomputing the tiles.
+
+    dL/dz_ij = w * (softmax_ij - [j == offset + i]); z = t * s, so dX = t dZ Y, dY = t dZ^T X, dt = sum(dZ * s).
+    """
+    B = X_BD.shape[0]
+    dX = torch.empty_like(X_BD) if need_x else None
+    dY = torch.zeros(Y_ND.shape, dtype=torch.float32, device=Y_ND.device) if need_y else None
+    dt = torch.zeros((), device=X_BD.device)
+    for r0 in range(0, B, chunk):
+        r1 = min(r0 + chunk, B)
+        X_RD = X_BD[r0:r1]
+        S_RN = (X_RD @ Y_ND.T).float()
+        G_RN = torch.exp(t * S_RN - lse_B[r0:r1, None])
+        rows = torch.arange(r1 - r0, device=X_BD.device)
+        G_RN[rows, offset + r0 + rows] -= 1.0
+        G_RN *= w  # dL/dz for this tile
+        if need_t:
+            dt += (G_RN * S_RN).sum()
+        dS_RN = (G_RN * t).to(X_BD.dtype)  # dL/ds, cast as autograd casts it through the reference's .float()
+        if need_x:
+            dX[r0:r1] = dS_RN @ Y_ND
+        if need_y:
+            dY += (dS_RN.T @ X_RD).float()
+    return dX, (dY.to(Y_ND.dtype) if need_y else None), dt
+
+
+class _ChunkedClipRows(torch.autograd.Function):
+    """(CE(t I T_all^T, labels) + CE(t T I_all^T, labels)) / 2 over B local rows, labels = offset + arange(B)."""
+
+    @staticmethod
+    def forward(ctx, img_BD, txt_BD, img_ND, txt_ND, t, offset: int, chunk: int):
+        t_val = t.detach()
+        lse_i, pos_i = _row_lse(img_BD, txt_ND, t_val, offset, chunk)
+        lse_t, pos_t = _row_lse(txt_BD, img_ND, t_val, offset, chunk)
+        ctx.save_for_backward(img_BD, txt_BD, img_ND, txt_ND, t_val, lse_i, lse_t)
+        ctx.offset, ctx.chunk = offset, chunk
+        return ((lse_i - pos_i).mean() + (lse_t - pos_t).mean()) / 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        img_BD, txt_BD, img_ND, txt_ND, t, lse_i, lse_t = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        w = grad.float() / (2 * img_BD.shape[0])
+        d_img, d_txtN, dt_i = _row_backward(img_BD, txt_ND, t, lse_i, ctx.offset, ctx.chunk, w, need[0], need[3],
+                                            need[4])
+        d_txt, d_imgN, dt_t = _row_backward(txt_BD, img_ND, t, lse_t, ctx.offset, ctx.chunk, w, need[1], need[2],
+                                            need[4])
+        return d_img, d_txt, d_imgN, d_txtN, (dt_i + dt_t) if need[4] else None, None, None
+
+
+def clip_rows_chunked(img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset: int, *, chunk: int = DEFAULT_CHUNK):
+    """The `_clip_rows_ref` value and gradients (fastenc.losses.contrastive), with O(chunk * N) loss memory."""
+    if chunk < 1:
+        raise ValueError(f"clip_loss(impl='chunked'): chunk must be >= 1, got {chunk}")
+    if isinstance(logit_scale, torch.Tensor):
+        t = logit_scale.reshape(()).float()  # a no-op for fp32; keeps the scale's graph either way
+    else:
+        t = torch.tensor(float(logit_scale), device=img_BD.device)
+    return _ChunkedClipRows.apply(img_BD, txt_BD, img_ND, txt_ND, t, offset, chunk)
