@@ -14,13 +14,23 @@ accumulated over chunks in fp32.
 Tile work per step (CLIP, both directions): forward computes each direction's tiles once (2 B x N x D products);
 backward recomputes them once (2 more) and spends 4 on the gradients. Both directions are separate passes here,
 as in Inf-CL; sharing one tile between the row and the column softmax is the job of the fused kernels.
+SigLIP has no row statistics: forward computes each tile once and keeps nothing but the inputs; backward recomputes
+it once and spends 2 products on the gradients.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_CHUNK = 1024
+
+
+def _as_scalar(value, device) -> torch.Tensor:
+    """A 0-dim fp32 tensor; a tensor argument keeps its graph (so it receives its gradient)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()).float()
+    return torch.tensor(float(value), device=device)
 
 
 def _row_lse(X_BD, Y_ND, t, offset, chunk):
@@ -91,8 +101,68 @@ def clip_rows_chunked(img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset: int, 
     """The `_clip_rows_ref` value and gradients (fastenc.losses.contrastive), with O(chunk * N) loss memory."""
     if chunk < 1:
         raise ValueError(f"clip_loss(impl='chunked'): chunk must be >= 1, got {chunk}")
-    if isinstance(logit_scale, torch.Tensor):
-        t = logit_scale.reshape(()).float()  # a no-op for fp32; keeps the scale's graph either way
-    else:
-        t = torch.tensor(float(logit_scale), device=img_BD.device)
-    return _ChunkedClipRows.apply(img_BD, txt_BD, img_ND, txt_ND, t, offset, chunk)
+    return _ChunkedClipRows.apply(img_BD, txt_BD, img_ND, txt_ND, _as_scalar(logit_scale, img_BD.device), offset,
+                                  chunk)
+
+
+class _ChunkedSiglipBlock(torch.autograd.Function):
+    """-sum_ij log sigmoid(label_ij * (t * x_i.y_j + b)) over one [B, B'] block, R rows at a time.
+
+    No row statistics: every tile is independent. Forward keeps only the inputs; backward recomputes each tile's
+    z and uses dL/dz_ij = sigmoid(z_ij) - [label_ij = +1].
+    """
+
+    @staticmethod
+    def forward(ctx, X_BD, Y_MD, t, b, positives: bool, chunk: int):
+        t_val, b_val = t.detach(), b.detach()
+        total = torch.zeros((), device=X_BD.device)
+        for r0 in range(0, X_BD.shape[0], chunk):
+            r1 = min(r0 + chunk, X_BD.shape[0])
+            Z_RM = t_val * (X_BD[r0:r1] @ Y_MD.T).float() + b_val
+            total -= F.logsigmoid(-Z_RM).sum()
+            if positives:  # label +1 on the diagonal: swap -log sigmoid(-z) for -log sigmoid(z) there
+                rows = torch.arange(r1 - r0, device=X_BD.device)
+                z = Z_RM[rows, r0 + rows]
+                total += (F.logsigmoid(-z) - F.logsigmoid(z)).sum()
+        ctx.save_for_backward(X_BD, Y_MD, t_val, b_val)
+        ctx.positives, ctx.chunk = positives, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        X_BD, Y_MD, t, b = ctx.saved_tensors
+        need_x, need_y, need_t, need_b = ctx.needs_input_grad[:4]
+        dX = torch.empty_like(X_BD) if need_x else None
+        dY = torch.zeros(Y_MD.shape, dtype=torch.float32, device=Y_MD.device) if need_y else None
+        dt, db = torch.zeros((), device=X_BD.device), torch.zeros((), device=X_BD.device)
+        g = grad.float()
+        for r0 in range(0, X_BD.shape[0], ctx.chunk):
+            r1 = min(r0 + ctx.chunk, X_BD.shape[0])
+            X_RD = X_BD[r0:r1]
+            S_RM = (X_RD @ Y_MD.T).float()
+            G_RM = torch.sigmoid(t * S_RM + b)
+            if ctx.positives:
+                rows = torch.arange(r1 - r0, device=X_BD.device)
+                G_RM[rows, r0 + rows] -= 1.0
+            G_RM *= g  # dL/dz for this tile
+            if need_t:
+                dt += (G_RM * S_RM).sum()
+            if need_b:
+                db += G_RM.sum()
+            dS_RM = (G_RM * t).to(X_BD.dtype)
+            if need_x:
+                dX[r0:r1] = dS_RM @ Y_MD
+            if need_y:
+                dY += (dS_RM.T @ X_RD).float()
+        return (dX, dY.to(Y_MD.dtype) if need_y else None, dt if need_t else None, db if need_b else None,
+                None, None)
+
+
+def siglip_block_chunked(img_BD, txt_MD, logit_scale, logit_bias, positives: bool, *, chunk: int = DEFAULT_CHUNK):
+    """The `_siglip_block_ref` value and gradients (fastenc.losses.sigmoid), with O(chunk * M) loss memory."""
+    if chunk < 1:
+        raise ValueError(f"siglip_loss(impl='chunked'): chunk must be >= 1, got {chunk}")
+    if positives and txt_MD.shape[0] != img_BD.shape[0]:
+        raise ValueError(f"siglip block with positives must be square, got {img_BD.shape[0]} x {txt_MD.shape[0]}")
+    return _ChunkedSiglipBlock.apply(img_BD, txt_MD, _as_scalar(logit_scale, img_BD.device),
+                                     _as_scalar(logit_bias, img_BD.device), positives, chunk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastenc.losses.chunked import siglip_block_chunked
 from fastenc.losses.dispatch import Impl, check_features, check_scalar, resolve_impl
 from fastenc.losses.distributed import check_equal_batch, neighbour_exchange_with_grad, world_info
 
@@ -34,8 +35,10 @@ def _siglip_block_ref(img_BD, txt_BD, logit_scale, logit_bias, positives: bool) 
     return -F.logsigmoid(labels_BB * z_BB).sum()
 
 
-# Fastest first: "auto" takes the first available. Signature: (img_BD, txt_BD, logit_scale, logit_bias, positives).
-_SIGLIP_IMPLS = {"reference": Impl(_siglip_block_ref)}
+# Preference order for "auto" (first available). Signature: (img_BD, txt_BD, logit_scale, logit_bias, positives).
+# "chunked" (O(chunk * B) loss memory, fastenc.losses.chunked) stays behind "reference" until
+# benchmarks/bench_sigmoid.py measures where it wins.
+_SIGLIP_IMPLS = {"reference": Impl(_siglip_block_ref), "chunked": Impl(siglip_block_chunked)}
 
 
 def siglip_loss(
@@ -53,7 +56,8 @@ def siglip_loss(
     With I, T the [B, D] L2-normalized features, t = logit_scale (exponentiated) and b = logit_bias (python
     numbers or 0-dim tensors, which then receive gradients):
         z = t * I T^T + b,  label_ij = +1 if i == j else -1,  loss = -sum_ij log sigmoid(label_ij * z_ij) / B,
-    the value of open_clip's SigLipLoss. Returns an fp32 scalar. `impl`: "reference" or "auto" (best available).
+    the value of open_clip's SigLipLoss. Returns an fp32 scalar. `impl`: "reference" (B x B logits per block),
+    "chunked" (rows in chunks, tiles recomputed in backward: no B x B tensor kept) or "auto".
 
     distributed=True: text features travel around a ring (open_clip's dist_impl="shift", mirrored; W-1 steps;
     its "bidir" variant halves the number of latency-bound steps, worth it only for large W). Rank r first scores

@@ -1,13 +1,14 @@
-"""impl="chunked" against the reference twins: value and every gradient, chunk sizes, odd shapes, bf16, and the
+"""impl="chunked" (clip_loss, siglip_loss) against the reference twins: value and every gradient, chunk sizes, odd shapes, bf16, and the
 memory bound itself (nothing of size B x N is kept for backward)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastenc.losses import clip_loss
-from fastenc.losses.chunked import clip_rows_chunked
+from fastenc.losses import clip_loss, siglip_loss
+from fastenc.losses.chunked import clip_rows_chunked, siglip_block_chunked
 from fastenc.losses.contrastive import _clip_rows_ref
+from fastenc.losses.sigmoid import _siglip_block_ref
 from tests.losses.helpers import BF16_U, rel_err, value_and_grads
 
 NAMES = ("loss", "d_img_rows", "d_txt_rows", "d_img_cols", "d_txt_cols", "d_logit_scale")
@@ -105,3 +106,52 @@ def test_no_b_by_n_tensor_is_kept_for_backward():
     chunked = _largest_saved(lambda i, x: clip_loss(i, x, scale, impl="chunked"), img, txt)
     assert ref >= B * B  # the reference keeps its logits / softmax (the check can fail)
     assert chunked == B * D  # only the features themselves (and O(B) row statistics)
+
+
+# ----- SigLIP: one [B, M] block (M = B with positives on the diagonal; any M for a ring step's negatives) -----
+
+SIGLIP_NAMES = ("loss", "d_img", "d_txt", "d_logit_scale", "d_logit_bias")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("B,M,positives", [(1, 1, True), (7, 7, True), (13, 13, True), (5, 8, False), (1, 3, False)])
+def test_siglip_block_fp32_equals_reference(B, M, positives, chunk):
+    img, txt = _inputs(B, M, 20)[1:3]
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)  # SigLIP's init
+    want = value_and_grads(lambda i, x, t, b: _siglip_block_ref(i, x, t, b, positives), img, txt, scale, bias)
+    got = value_and_grads(lambda i, x, t, b: siglip_block_chunked(i, x, t, b, positives, chunk=chunk),
+                          img, txt, scale, bias)
+    for name, g, w in zip(SIGLIP_NAMES, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_siglip_bf16_error_within_twice_the_reference(chunk):
+    img, txt = _inputs(9, 9, 20, torch.bfloat16)[1:3]
+    t, b = torch.tensor(10.0), torch.tensor(-10.0)
+    exact = value_and_grads(lambda i, x, s, c: siglip_loss(i, x, s, c, impl="reference"), img.float(), txt.float(),
+                            t, b)
+    ref = value_and_grads(lambda i, x, s, c: siglip_loss(i, x, s, c, impl="reference"), img, txt, t, b)
+    got = value_and_grads(lambda i, x, s, c: siglip_block_chunked(i, x, s, c, True, chunk=chunk) / i.shape[0],
+                          img, txt, t, b)
+    for name, g, r, w in zip(SIGLIP_NAMES, got, ref, exact):
+        err, err_ref = rel_err(g, w), rel_err(r, w)
+        assert err <= max(2 * err_ref, BF16_U), f"{name}: rel err {err:.2e} vs reference bf16 {err_ref:.2e}"
+
+
+def test_siglip_block_refuses_bad_arguments():
+    img, txt = _inputs(3, 4, 4)[1:3]
+    with pytest.raises(ValueError, match="must be square"):
+        siglip_block_chunked(img, txt, 10.0, -10.0, True)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        siglip_block_chunked(img, img, 10.0, -10.0, True, chunk=0)
+
+
+def test_siglip_no_b_by_b_tensor_is_kept_for_backward():
+    B, D = 256, 8
+    img, txt = _inputs(B, B, D)[1:3]
+    t, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    ref = _largest_saved(lambda i, x: siglip_loss(i, x, t, b, impl="reference"), img, txt)
+    chunked = _largest_saved(lambda i, x: siglip_loss(i, x, t, b, impl="chunked"), img, txt)
+    assert ref >= B * B
+    assert chunked == B * D

@@ -46,7 +46,8 @@ def _local_loss(kind, img, txt, p, group):
     if kind.startswith("clip"):
         impl = "chunked" if kind == "clip_chunked" else "reference"
         return clip_loss(img, txt, p["log_scale"].exp(), distributed=True, group=group, impl=impl)
-    return siglip_loss(img, txt, p["log_scale"].exp(), p["bias"], distributed=True, group=group)
+    impl = "chunked" if kind == "siglip_chunked" else "reference"
+    return siglip_loss(img, txt, p["log_scale"].exp(), p["bias"], distributed=True, group=group, impl=impl)
 
 
 def _data_parallel_step(kind, rank, world, group):
@@ -82,7 +83,7 @@ def _worker(rank, world):
             res[f"unequal_{kind}"] = str(e)
         dist.barrier()
     sub = dist.new_group(list(range(world)))  # group=None and an explicit group object take different paths
-    for kind in ("clip", "clip_chunked", "siglip"):
+    for kind in ("clip", "clip_chunked", "siglip", "siglip_chunked"):
         res[kind] = _data_parallel_step(kind, rank, world, None)
         res[f"{kind}_group"] = _data_parallel_step(kind, rank, world, sub)
     return res
@@ -93,7 +94,8 @@ def ranks(request, tmp_path_factory):
     return run_ranks(_worker, request.param, tmp_path_factory.mktemp(f"world{request.param}"), timeout_s=TIMEOUT_S)
 
 
-CASES = ["clip", "clip_group", "clip_chunked", "clip_chunked_group", "siglip", "siglip_group"]
+CASES = ["clip", "clip_group", "clip_chunked", "clip_chunked_group", "siglip", "siglip_group", "siglip_chunked",
+         "siglip_chunked_group"]
 
 
 @pytest.mark.distributed

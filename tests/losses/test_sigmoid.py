@@ -28,6 +28,7 @@ CANDIDATES = {
     "siglip_loss": siglip_loss,
     "siglip_loss_auto": partial(siglip_loss, impl="auto"),
     "siglip_loss_ref": siglip_loss_ref,
+    "siglip_loss_chunked": partial(siglip_loss, impl="chunked"),
 }
 
 
