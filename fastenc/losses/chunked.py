@@ -166,3 +166,59 @@ def siglip_block_chunked(img_BD, txt_MD, logit_scale, logit_bias, positives: boo
         raise ValueError(f"siglip block with positives must be square, got {img_BD.shape[0]} x {txt_MD.shape[0]}")
     return _ChunkedSiglipBlock.apply(img_BD, txt_MD, _as_scalar(logit_scale, img_BD.device),
                                      _as_scalar(logit_bias, img_BD.device), positives, chunk)
+
+
+class _ChunkedDino(torch.autograd.Function):
+    """The DINO loss over R batch rows at a time: for each chunk, the teacher softmax [G, R, K] and the student
+    log-softmax [C, R, K]; the full [G * B, K] / [C * B, K] probability tensors are never formed, and backward
+    recomputes them per chunk. The gradient w.r.t. the student logits of crop v, row b:
+        -(sum_{i != v} q_ib - n_v p_vb) / (student_temp * B * n_terms),  n_v = #teacher views i != v.
+    """
+
+    @staticmethod
+    def forward(ctx, student_CBK, teacher_GBK, center_K, student_temp, teacher_temp, chunk):
+        C, B, K = student_CBK.shape
+        G = teacher_GBK.shape[0]
+        total = torch.zeros((), device=student_CBK.device)
+        for r0 in range(0, B, chunk):
+            r1 = min(r0 + chunk, B)
+            q = torch.softmax((teacher_GBK[:, r0:r1].float() - center_K) / teacher_temp, dim=-1)
+            logp = torch.log_softmax(student_CBK[:, r0:r1].float() / student_temp, dim=-1)
+            total += (q.sum(0) * logp.sum(0)).sum() - (q * logp[:G]).sum()
+        ctx.save_for_backward(student_CBK, teacher_GBK, center_K)
+        ctx.temps, ctx.chunk = (student_temp, teacher_temp), chunk
+        return -total / (B * (G * C - G))
+
+    @staticmethod
+    def backward(ctx, grad):
+        student_CBK, teacher_GBK, center_K = ctx.saved_tensors
+        student_temp, teacher_temp = ctx.temps
+        C, B, K = student_CBK.shape
+        G = teacher_GBK.shape[0]
+        scale = -grad.float() / (student_temp * B * (G * C - G))
+        d_student = torch.empty_like(student_CBK)
+        for r0 in range(0, B, ctx.chunk):
+            r1 = min(r0 + ctx.chunk, B)
+            q = torch.softmax((teacher_GBK[:, r0:r1].float() - center_K) / teacher_temp, dim=-1)
+            p = torch.softmax(student_CBK[:, r0:r1].float() / student_temp, dim=-1)
+            target = q.sum(0, keepdim=True).expand(C, -1, -1).clone()  # sum over teacher views i != v
+            target[:G] -= q
+            counts = torch.full((C, 1, 1), float(G), device=p.device)
+            counts[:G] -= 1
+            d_student[:, r0:r1] = ((target - counts * p) * scale).to(student_CBK.dtype)
+        return d_student, None, None, None, None, None
+
+
+def dino_loss_chunked(student_output, teacher_output, center, student_temp, teacher_temp, num_global_crops, *,
+                      chunk: int = 64):
+    """The dino_loss value and student gradient (fastenc.losses.dino) with O(crops * chunk * K) loss memory.
+
+    Inputs are already checked by dino_loss. chunk: batch rows per chunk (each holds (G + C) * chunk * K fp32)."""
+    if chunk < 1:
+        raise ValueError(f"dino_loss(impl='chunked'): chunk must be >= 1, got {chunk}")
+    K = teacher_output.shape[1]
+    G = num_global_crops
+    B = teacher_output.shape[0] // G
+    C = student_output.shape[0] // B
+    return _ChunkedDino.apply(student_output.view(C, B, K), teacher_output.detach().view(G, B, K),
+                              center.detach().float().reshape(1, 1, K)[0], student_temp, teacher_temp, chunk)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastenc.losses.chunked import dino_loss_chunked
 from fastenc.losses.dispatch import Impl, resolve_impl
 
 
@@ -73,8 +74,9 @@ def _dino_loss_factored(student_output, teacher_output, center, student_temp, te
     sum over pairs (i, v != i) of q_i . log p_v = (sum_i q_i) . (sum_v log p_v) - sum_i q_i . log p_i,
     so the G x (C - 1) pair terms cost 2 [G*B, K] x [C*B, K] products instead of G * (C - 1).
     """
-    C, B, K = check_dino_inputs(student_output, teacher_output, center, num_global_crops)
-    G = num_global_crops
+    G, (GB, K) = num_global_crops, teacher_output.shape  # inputs checked by dino_loss
+    B = GB // G
+    C = student_output.shape[0] // B
     logp_CBK = F.log_softmax(student_output.float().view(C, B, K) / student_temp, dim=-1)
     q_GBK = teacher_probs(teacher_output, center, teacher_temp).view(G, B, K)
     all_pairs = (q_GBK.sum(0) * logp_CBK.sum(0)).sum()
@@ -83,8 +85,9 @@ def _dino_loss_factored(student_output, teacher_output, center, student_temp, te
     return -(all_pairs - same_view) / (B * n_terms)
 
 
-# Fastest first: "auto" takes the first available (the kernels issue adds chunked / native / triton entries).
-_DINO_IMPLS = {"reference": Impl(_dino_loss_factored)}
+# Preference order for "auto" (first available). "chunked" (batch rows in chunks, no [crops * B, K] probability
+# tensors, fastenc.losses.chunked) stays behind "reference" until benchmarks/bench_dino.py measures where it wins.
+_DINO_IMPLS = {"reference": Impl(_dino_loss_factored), "chunked": Impl(dino_loss_chunked)}
 
 
 def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
@@ -100,6 +103,7 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     full-batch gradient; only the center needs the global batch (dino_center_update).
     """
     fn = resolve_impl("dino_loss", impl, _DINO_IMPLS)
+    check_dino_inputs(student_output, teacher_output, center, num_global_crops)
     return fn(student_output, teacher_output, center, student_temp, teacher_temp, num_global_crops)
 
 
