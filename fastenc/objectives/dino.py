@@ -68,8 +68,8 @@ class DinoConfig:
     local_crop_scale: list = field(default_factory=lambda: [0.05, 0.25])
     """RandomResizedCrop area range of the local crops."""
     blur_radius: list = field(default_factory=lambda: [0.1, 2.0])
-    """Gaussian-blur radius range in output pixels (the reference's 0.1-2.0 px at 224 px global / 96 px local
-    crops; scale it down with the resolution, or a 64 px crop loses its shapes)."""
+    """Gaussian-blur radius range in output pixels (the reference's 0.1-2.0 px are for 224 px global / 96 px local
+    crops; scale it with the resolution to blur the same fraction of the image)."""
     student_temp: float = 0.1
     """Student softmax temperature."""
     teacher_temp: float = 0.07
