@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     # the teacher starts from.
     torch.manual_seed(cfg.run.seed)
     init_encoder = build_objective(cfg).teacher.encoder.eval()
+    env = harness.env_fields()  # before training: the git revision of the code that runs, not of a later commit
     cmd = [*shlex.split(args.launcher), os.path.join(ROOT, "launch", "pretrain.py"), "--config", RECIPE, *overrides]
     print("train:", " ".join(cmd), flush=True)
     t0 = time.time()
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         "knn_color_init": before["color_id"], "knn_color_trained": after["color_id"],
         "knn_color_chance": after["color_id_chance"],
         "knn_train_samples": args.knn_train, "knn_val_samples": args.val_samples,
-        "overrides": " ".join(args.overrides), **harness.env_fields(),
+        "overrides": " ".join(args.overrides), **env,
     }
     harness.append_rows(args.out, [row])
     print(json.dumps({k: row[k] for k in row if k.startswith(("knn", "teacher", "loss", "log_K", "samples"))},
