@@ -17,7 +17,6 @@ results/shape_ceiling.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -46,26 +45,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class LabelledTrainImage:
-    """sample_fn: raw sample -> {"image": train-transformed [3,S,S], "label": category_id}. Picklable."""
-
-    def __init__(self, image_size: int):
-        from fastenc.data.transforms import image_transform
-
-        self.transform = image_transform(image_size, train=True)
-
-    def __call__(self, sample):
-        import torch
-
-        from fastenc.data.transforms import decode_image, locate_image
-
-        _, ext = locate_image(sample)
-        return {"image": self.transform(decode_image(sample[ext])),
-                "label": torch.tensor(int(json.loads(sample["json"])["category_id"]))}
-
-
 def load_eval_set(shards, image_size, n):
-    """Eval-transformed images [n, 3, S, S] and labels [n, 2] (category, color), decoded once."""
+    """Eval-transformed images [n, 3, S, S] and labels [n, 2] (category, color), decoded once: the k-NN runs every
+    --eval-every steps, and fastenc.eval.knn.extract_features would decode the JPEGs again each time."""
     import torch
 
     from fastenc.data.loader import build_loader
@@ -93,7 +75,7 @@ def main(argv=None) -> int:
     from fastenc.engine.distributed import DistInfo
     from fastenc.engine.schedules import warmup_cosine
     from fastenc.engine.trainer import prepare_data
-    from fastenc.eval.knn import knn_accuracy
+    from fastenc.eval.knn import LabelledImage, knn_accuracy
     from fastenc.objectives.base import build_encoder
 
     train_shards = os.path.join(args.data_root, "synth_cpu")
@@ -124,7 +106,8 @@ def main(argv=None) -> int:
         return [knn_accuracy(feats[0], tr_y[:, i], feats[1], va_y[:, i], num_classes=int(tr_y[:, i].max()) + 1)
                 for i in range(2)]
 
-    loader = iter(build_loader(train_shards, sample_fn=LabelledTrainImage(size), batch_size=cfg.data.batch_size,
+    loader = iter(build_loader(train_shards, sample_fn=LabelledImage(size, "category_id", train=True),
+                               batch_size=cfg.data.batch_size,
                                num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                                seed=cfg.run.seed))
     chance = [float(va_y[:, i].bincount().max()) / len(va_y) for i in range(2)]
@@ -150,16 +133,17 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = float(lrs[step - 1])
         batch = next(loader)
+        labels = batch["label"][:, 0]
         logits = classifier(encoder(batch["image"]))
-        loss = torch.nn.functional.cross_entropy(logits, batch["label"])
+        loss = torch.nn.functional.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if o.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
         opt.step()
         losses.append(loss.item())
-        correct += int((logits.argmax(-1) == batch["label"]).sum())
-        seen += len(batch["label"])
+        correct += int((logits.argmax(-1) == labels).sum())
+        seen += len(labels)
         if step % args.eval_every == 0 or step == steps:
             record(step, time.time() - t0)
             losses, correct, seen = [], 0, 0

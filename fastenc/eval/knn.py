@@ -17,10 +17,13 @@ from fastenc.data.transforms import CorruptSample, decode_image, image_transform
 
 
 class LabelledImage:
-    """sample_fn: raw sample -> {"image": eval-transformed [3,S,S], "label": int64 [L] from the .json fields}."""
+    """sample_fn: raw sample -> {"image": transformed [3,S,S], "label": int64 [L] from the .json fields}.
 
-    def __init__(self, image_size: int, label_keys):
-        self.transform = image_transform(image_size, train=False)
+    train=False: the eval transform (resize + center crop); True: open_clip's train transform (random resized crop),
+    for supervised calibration runs (benchmarks/shape_ceiling.py)."""
+
+    def __init__(self, image_size: int, label_keys, train: bool = False):
+        self.transform = image_transform(image_size, train=train)
         self.label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
 
     def __call__(self, sample: dict) -> dict:
