@@ -23,7 +23,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 1024
+# Default chunk: as many rows as fit one fp32 tile of TILE_BYTES[device type]. On CPU, 16 MiB keeps the few
+# tile-sized temporaries of a step (logits, probabilities, gradient) far below the B x B logits at large B, while a
+# [256, 16384] tile still gives BLAS a 4 GFLOP product per call. On a GPU every chunk costs several kernel launches
+# from Python, so tiles are larger (512 MiB: 1024 rows at N = 131072), still a small fraction of its memory.
+TILE_BYTES = {"cpu": 16 * 2**20, "cuda": 512 * 2**20}
+
+
+def rows_per_chunk(chunk: int | None, row_bytes: int, loss: str, device: torch.device | None = None) -> int:
+    """`chunk` if given (validated), else the number of rows of `row_bytes` each that fit one tile (at least 1)."""
+    if chunk is None:
+        budget = TILE_BYTES.get(device.type if device is not None else "cpu", TILE_BYTES["cpu"])
+        return max(1, budget // max(1, row_bytes))
+    if chunk < 1:
+        raise ValueError(f"{loss}(impl='chunked'): chunk must be >= 1, got {chunk}")
+    return chunk
 
 
 def _as_scalar(value, device) -> torch.Tensor:
@@ -97,10 +111,11 @@ class _ChunkedClipRows(torch.autograd.Function):
         return d_img, d_txt, d_imgN, d_txtN, (dt_i + dt_t) if need[4] else None, None, None
 
 
-def clip_rows_chunked(img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset: int, *, chunk: int = DEFAULT_CHUNK):
-    """The `_clip_rows_ref` value and gradients (fastenc.losses.contrastive), with O(chunk * N) loss memory."""
-    if chunk < 1:
-        raise ValueError(f"clip_loss(impl='chunked'): chunk must be >= 1, got {chunk}")
+def clip_rows_chunked(img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset: int, *, chunk: int | None = None):
+    """The `_clip_rows_ref` value and gradients (fastenc.losses.contrastive), with O(chunk * N) loss memory.
+
+    chunk: rows per tile (default: one TILE_BYTES fp32 tile)."""
+    chunk = rows_per_chunk(chunk, 4 * txt_ND.shape[0], "clip_loss", img_BD.device)
     return _ChunkedClipRows.apply(img_BD, txt_BD, img_ND, txt_ND, _as_scalar(logit_scale, img_BD.device), offset,
                                   chunk)
 
@@ -158,10 +173,11 @@ class _ChunkedSiglipBlock(torch.autograd.Function):
                 None, None)
 
 
-def siglip_block_chunked(img_BD, txt_MD, logit_scale, logit_bias, positives: bool, *, chunk: int = DEFAULT_CHUNK):
-    """The `_siglip_block_ref` value and gradients (fastenc.losses.sigmoid), with O(chunk * M) loss memory."""
-    if chunk < 1:
-        raise ValueError(f"siglip_loss(impl='chunked'): chunk must be >= 1, got {chunk}")
+def siglip_block_chunked(img_BD, txt_MD, logit_scale, logit_bias, positives: bool, *, chunk: int | None = None):
+    """The `_siglip_block_ref` value and gradients (fastenc.losses.sigmoid), with O(chunk * M) loss memory.
+
+    chunk: rows per tile (default: one TILE_BYTES fp32 tile)."""
+    chunk = rows_per_chunk(chunk, 4 * txt_MD.shape[0], "siglip_loss", img_BD.device)
     if positives and txt_MD.shape[0] != img_BD.shape[0]:
         raise ValueError(f"siglip block with positives must be square, got {img_BD.shape[0]} x {txt_MD.shape[0]}")
     return _ChunkedSiglipBlock.apply(img_BD, txt_MD, _as_scalar(logit_scale, img_BD.device),
@@ -210,15 +226,15 @@ class _ChunkedDino(torch.autograd.Function):
 
 
 def dino_loss_chunked(student_output, teacher_output, center, student_temp, teacher_temp, num_global_crops, *,
-                      chunk: int = 64):
+                      chunk: int | None = None):
     """The dino_loss value and student gradient (fastenc.losses.dino) with O(crops * chunk * K) loss memory.
 
-    Inputs are already checked by dino_loss. chunk: batch rows per chunk (each holds (G + C) * chunk * K fp32)."""
-    if chunk < 1:
-        raise ValueError(f"dino_loss(impl='chunked'): chunk must be >= 1, got {chunk}")
+    Inputs are already checked by dino_loss. chunk: batch rows per chunk, each holding (G + C) * K fp32 values of
+    probabilities (default: as many as fit TILE_BYTES)."""
     K = teacher_output.shape[1]
     G = num_global_crops
     B = teacher_output.shape[0] // G
     C = student_output.shape[0] // B
+    chunk = rows_per_chunk(chunk, 4 * (G + C) * K, "dino_loss", student_output.device)
     return _ChunkedDino.apply(student_output.view(C, B, K), teacher_output.detach().view(G, B, K),
                               center.detach().float().reshape(1, 1, K)[0], student_temp, teacher_temp, chunk)

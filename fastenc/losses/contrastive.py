@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastenc.losses.chunked import clip_rows_chunked
-from fastenc.losses.dispatch import Impl, check_features, check_scalar, resolve_impl
+from fastenc.losses.dispatch import Impl, check_features, check_scalar, lazy, resolve_impl
 from fastenc.losses.distributed import all_gather_with_grad, check_equal_batch, world_info
 
 
@@ -34,10 +34,14 @@ def _clip_rows_ref(img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset: int) -> 
     return (F.cross_entropy(logits_img_BN, labels_B) + F.cross_entropy(logits_txt_BN, labels_B)) / 2
 
 
-# Preference order for "auto" (first available). Signature: (img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset).
-# "chunked" (O(chunk * N) loss memory, fastenc.losses.chunked) stays behind "reference" until
-# benchmarks/bench_contrastive.py measures where it wins.
-_CLIP_IMPLS = {"reference": Impl(_clip_rows_ref), "chunked": Impl(clip_rows_chunked)}
+# Preference order for "auto" (first available on the device; fastenc.losses.dispatch). Signature:
+# (img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset).
+_CLIP_IMPLS = {
+    "triton": Impl(lazy("fastenc.kernels.contrastive", "clip_rows_triton"), "triton", ("cuda",), interpretable=True),
+    "native": Impl(lazy("fastenc.losses.native", "clip_rows_native"), "fastenc._C", ("cpu",)),
+    "reference": Impl(_clip_rows_ref),
+    "chunked": Impl(clip_rows_chunked),
+}
 
 
 def clip_loss(
@@ -71,7 +75,7 @@ def clip_loss(
     """
     check_features("clip_loss", image_features, text_features)
     check_scalar("clip_loss", "logit_scale", logit_scale)
-    fn = resolve_impl("clip_loss", impl, _CLIP_IMPLS)
+    fn = resolve_impl("clip_loss", impl, _CLIP_IMPLS, image_features.device)
     if not distributed:
         return fn(image_features, text_features, image_features, text_features, logit_scale, 0)
 

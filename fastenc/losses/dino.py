@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastenc.losses.chunked import dino_loss_chunked
-from fastenc.losses.dispatch import Impl, resolve_impl
+from fastenc.losses.dispatch import Impl, lazy, resolve_impl
 
 
 def check_dino_inputs(student_output, teacher_output, center, num_global_crops: int) -> tuple[int, int, int]:
@@ -85,9 +85,14 @@ def _dino_loss_factored(student_output, teacher_output, center, student_temp, te
     return -(all_pairs - same_view) / (B * n_terms)
 
 
-# Preference order for "auto" (first available). "chunked" (batch rows in chunks, no [crops * B, K] probability
-# tensors, fastenc.losses.chunked) stays behind "reference" until benchmarks/bench_dino.py measures where it wins.
-_DINO_IMPLS = {"reference": Impl(_dino_loss_factored), "chunked": Impl(dino_loss_chunked)}
+# Preference order for "auto" (first available on the device; fastenc.losses.dispatch). Signature:
+# (student_output, teacher_output, center, student_temp, teacher_temp, num_global_crops).
+_DINO_IMPLS = {
+    "triton": Impl(lazy("fastenc.kernels.dino", "dino_loss_triton"), "triton", ("cuda",), interpretable=True),
+    "native": Impl(lazy("fastenc.losses.native", "dino_loss_native"), "fastenc._C", ("cpu",)),
+    "reference": Impl(_dino_loss_factored),
+    "chunked": Impl(dino_loss_chunked),
+}
 
 
 def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
@@ -102,8 +107,8 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     Data-parallel: the loss is a local-batch mean, so the engine's gradient average over ranks equals the
     full-batch gradient; only the center needs the global batch (dino_center_update).
     """
-    fn = resolve_impl("dino_loss", impl, _DINO_IMPLS)
     check_dino_inputs(student_output, teacher_output, center, num_global_crops)
+    fn = resolve_impl("dino_loss", impl, _DINO_IMPLS, student_output.device)
     return fn(student_output, teacher_output, center, student_temp, teacher_temp, num_global_crops)
 
 

@@ -1,14 +1,23 @@
 """Choosing a loss implementation by name, and the input checks every loss shares.
 
-Each loss keeps a registry `{name: Impl}` ordered fastest first. `impl="auto"` takes the first available entry
-(and warns once if it had to skip a faster one); an explicitly requested entry whose dependency is missing raises
-`MissingDependency` (ARCHITECTURE.md, principle 4). A new fast path ("chunked", "native", "triton") is one more
-registry entry plus its name in `LOSS_IMPLS`.
+Each loss keeps a registry `{name: Impl}` ordered fastest first. `impl="auto"` takes the first entry that is
+installed and runs on the inputs' device (and warns once if it had to skip a faster one that is not installed); an
+explicitly requested entry whose dependency is missing raises `MissingDependency`, and one that cannot run on the
+inputs' device raises a ValueError saying which devices it takes (ARCHITECTURE.md, principle 4).
+
+Implementations (every one computes the reference's value and gradients; see tests/losses, tests/kernels):
+- "reference": the plain formula, B x N logits (the test oracle and benchmark baseline);
+- "chunked":   pure torch, rows in chunks, tiles recomputed in backward (fastenc.losses.chunked; any device);
+- "native":    the C++/OpenMP extension fastenc._C (fastenc.losses.native; CPU tensors, built by setup.py);
+- "triton":    fused Triton kernels (fastenc.kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 when
+               asked for explicitly: the interpreter is for tests, "auto" never picks it on CPU).
 Shapes: B = local batch, D = feature dim.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,24 +26,49 @@ import torch
 from fastenc.utils.optional import is_available, require, warn_once
 
 # Every value the `impl=` argument of a loss accepts; a given loss may implement a subset (its error lists which).
-LOSS_IMPLS = ("auto", "reference", "chunked")
+LOSS_IMPLS = ("auto", "reference", "chunked", "native", "triton")
+
+
+def lazy(module: str, name: str) -> Callable:
+    """`module.name`, imported on first call: fast paths with optional dependencies stay out of `import fastenc`."""
+    target: list[Callable] = []
+
+    def call(*args, **kwargs):
+        if not target:
+            target.append(getattr(importlib.import_module(module), name))
+        return target[0](*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"lazy({module}.{name})"
+    return call
 
 
 @dataclass(frozen=True)
 class Impl:
-    """One implementation of a loss: `fn` and the optional module it needs (None: always available)."""
+    """One implementation of a loss: `fn`, the optional module it needs (None: always available) and the device
+    types it runs on (None: any). `interpretable`: also runs on CPU tensors when TRITON_INTERPRET=1 (tests only)."""
 
     fn: Callable
     requires: str | None = None
+    devices: tuple[str, ...] | None = None
+    interpretable: bool = False
 
     def available(self) -> bool:
         return self.requires is None or is_available(self.requires)
 
+    def runs_on(self, device_type: str, *, explicit: bool = False) -> bool:
+        if self.devices is None or device_type in self.devices:
+            return True
+        return explicit and self.interpretable and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
-def resolve_impl(loss: str, impl: str, registry: dict[str, Impl]) -> Callable:
-    """The function registered under `impl` ("auto": the first available one, registry order = preference)."""
+
+def resolve_impl(loss: str, impl: str, registry: dict[str, Impl], device: torch.device | str = "cpu") -> Callable:
+    """The function registered under `impl` for tensors on `device` ("auto": the first available one that runs
+    there, registry order = preference)."""
+    device_type = torch.device(device).type
     if impl == "auto":
         for name, entry in registry.items():
+            if not entry.runs_on(device_type):
+                continue
             if entry.available():
                 return entry.fn
             warn_once(f"{loss}:{name}", f"{loss}: impl '{name}' unavailable ({entry.requires} missing), falling back")
@@ -43,6 +77,11 @@ def resolve_impl(loss: str, impl: str, registry: dict[str, Impl]) -> Callable:
         choices = ", ".join(repr(n) for n in ("auto", *registry))
         raise ValueError(f"{loss}: unknown impl {impl!r}; valid choices: {choices}")
     entry = registry[impl]
+    if not entry.runs_on(device_type, explicit=True):
+        where = " or ".join(entry.devices or ())
+        extra = " (or cpu under TRITON_INTERPRET=1, for tests)" if entry.interpretable else ""
+        raise ValueError(f"{loss}(impl={impl!r}) runs on {where} tensors{extra}, got {device_type} tensors; use "
+                         "impl='auto' to pick the best implementation for the device")
     if not entry.available():
         require(entry.requires, f"{loss}(impl={impl!r})")  # raises MissingDependency with the install hint
     return entry.fn

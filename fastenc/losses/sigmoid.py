@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastenc.losses.chunked import siglip_block_chunked
-from fastenc.losses.dispatch import Impl, check_features, check_scalar, resolve_impl
+from fastenc.losses.dispatch import Impl, check_features, check_scalar, lazy, resolve_impl
 from fastenc.losses.distributed import check_equal_batch, neighbour_exchange_with_grad, world_info
 
 
@@ -35,10 +35,14 @@ def _siglip_block_ref(img_BD, txt_BD, logit_scale, logit_bias, positives: bool) 
     return -F.logsigmoid(labels_BB * z_BB).sum()
 
 
-# Preference order for "auto" (first available). Signature: (img_BD, txt_BD, logit_scale, logit_bias, positives).
-# "chunked" (O(chunk * B) loss memory, fastenc.losses.chunked) stays behind "reference" until
-# benchmarks/bench_sigmoid.py measures where it wins.
-_SIGLIP_IMPLS = {"reference": Impl(_siglip_block_ref), "chunked": Impl(siglip_block_chunked)}
+# Preference order for "auto" (first available on the device; fastenc.losses.dispatch). Signature:
+# (img_BD, txt_BD, logit_scale, logit_bias, positives).
+_SIGLIP_IMPLS = {
+    "triton": Impl(lazy("fastenc.kernels.sigmoid", "siglip_block_triton"), "triton", ("cuda",), interpretable=True),
+    "native": Impl(lazy("fastenc.losses.native", "siglip_block_native"), "fastenc._C", ("cpu",)),
+    "reference": Impl(_siglip_block_ref),
+    "chunked": Impl(siglip_block_chunked),
+}
 
 
 def siglip_loss(
@@ -75,7 +79,7 @@ def siglip_loss(
     check_features("siglip_loss", image_features, text_features)
     check_scalar("siglip_loss", "logit_scale", logit_scale)
     check_scalar("siglip_loss", "logit_bias", logit_bias)
-    fn = resolve_impl("siglip_loss", impl, _SIGLIP_IMPLS)
+    fn = resolve_impl("siglip_loss", impl, _SIGLIP_IMPLS, image_features.device)
     B = image_features.shape[0]
     loss = fn(image_features, text_features, logit_scale, logit_bias, True)
     if distributed:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -84,8 +85,10 @@ class DinoConfig:
     """Center EMA momentum."""
     freeze_last_layer_steps: int = 0
     """The prototype layer gets no gradient for this many steps (the reference freezes it for the first epoch)."""
-    loss_impl: str = "reference"
-    """Loss implementation (fastenc.losses.LOSS_IMPLS)."""
+    loss_impl: Literal["auto", "reference", "chunked", "native", "triton"] = "auto"
+    """Loss implementation (fastenc.losses.LOSS_IMPLS): auto (the fastest one for the device: triton on CUDA, the
+    native extension on CPU, else reference), reference, chunked, native or triton. All give the same values and
+    gradients (tests/losses, tests/kernels, tests/engine/test_loss_impl_parity.py)."""
 
 
 class _Teacher(nn.Module):

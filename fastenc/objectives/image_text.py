@@ -50,8 +50,10 @@ class ImageTextConfig:
     (open_clip's behaviour)."""
     crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
     """RandomResizedCrop area range for training images (open_clip's default)."""
-    loss_impl: str = "reference"
-    """Loss implementation (fastenc.losses.LOSS_IMPLS)."""
+    loss_impl: Literal["auto", "reference", "chunked", "native", "triton"] = "auto"
+    """Loss implementation (fastenc.losses.LOSS_IMPLS): auto (the fastest one for the device: triton on CUDA, the
+    native extension on CPU, else reference), reference, chunked, native or triton. All give the same values and
+    gradients (tests/losses, tests/kernels, tests/engine/test_loss_impl_parity.py)."""
     init_logit_scale: float = math.log(1 / 0.07)
     """Initial log of the logit scale (learned)."""
     max_logit_scale: float = 100.0

@@ -21,6 +21,8 @@ _INSTALL_HINTS = {
     "matplotlib": "pip install matplotlib (or `make setup`)",
     "open_clip": "pip install open_clip_torch (benchmark environment only)",
     "webdataset": "pip install webdataset (or `make setup`)",
+    "fastenc._C": ("build fastenc's native extension (needs a C++ compiler): pip install --no-build-isolation "
+                   "--no-deps -e . (or `python setup.py build_ext --inplace`); or pick impl='chunked'"),
 }
 
 

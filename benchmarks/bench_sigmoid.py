@@ -1,0 +1,75 @@
+"""SigLIP sigmoid loss: fastenc's implementations against open_clip's SigLipLoss, time and peak memory vs batch.
+
+    python benchmarks/bench_sigmoid.py                                      # CPU: 1024 .. 16384, D = 512, fp32
+    python benchmarks/bench_sigmoid.py --batch 4096,16384,65536 --dtype bf16 --device cuda     # (gpu_kernels.sh)
+
+Cases: fastenc siglip_loss with impl = reference | chunked | native | triton, and open_clip.loss.SigLipLoss (the
+peer; it materializes the B x B logits and the labels matrix). Inputs: L2-normalized [B, D] features, logit scale
+10 and bias -10 (SigLIP's initialization), all requiring gradients. One process per case (loss_bench.py explains
+the measurements). Rows go to results/bench_sigmoid.csv, the plot to results/bench_sigmoid.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import loss_bench  # noqa: E402
+from bench_contrastive import default_impls  # noqa: E402
+
+BENCH = "siglip_loss"
+
+
+def build(spec):
+    import torch
+    import torch.nn.functional as F
+
+    from fastenc.losses import siglip_loss
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    device = spec["device"]
+
+    def inputs(B, D):
+        img = F.normalize(torch.randn(B, D, device=device), dim=1).to(dtype).requires_grad_()
+        txt = F.normalize(torch.randn(B, D, device=device), dim=1).to(dtype).requires_grad_()
+        t = torch.tensor(10.0, device=device, requires_grad=True)
+        return img, txt, t, torch.tensor(-10.0, device=device, requires_grad=True)
+
+    if spec["impl"] == "open_clip":
+        from open_clip.loss import SigLipLoss
+
+        peer = SigLipLoss()
+
+        def fn(img, txt, t, b):
+            return peer(img.float(), txt.float(), t, b) if dtype != torch.float32 else peer(img, txt, t, b)
+    else:
+        def fn(img, txt, t, b):
+            return siglip_loss(img, txt, t, b, impl=spec["impl"])
+
+    return (lambda: inputs(spec["batch"], spec["dim"])), fn, (lambda: inputs(8, spec["dim"]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    loss_bench.common_args(p, "bench_sigmoid.csv")
+    p.add_argument("--batch", default="1024,4096,16384", help="comma-separated batch sizes B")
+    p.add_argument("--dim", type=int, default=512)
+    args = p.parse_args()
+    if args.worker:
+        return loss_bench.worker_main(args.worker, build)
+    impls = args.impls.split(",") if args.impls else default_impls(args.device)
+    sizes = [{"batch": int(b), "dim": args.dim} for b in args.batch.split(",")]
+    rows = loss_bench.sweep(os.path.abspath(__file__), BENCH, args, impls, sizes, "batch")
+    png = args.plot or os.path.splitext(args.out)[0] + ".png"
+    loss_bench.plot(args.out, png, BENCH, "batch", f"siglip_loss fwd+bwd, D={args.dim}, {args.dtype}, "
+                    f"{args.device}, {args.threads} threads", where=lambda r: r["dtype"] == args.dtype
+                    and r["device"] == args.device and r["dim"] == str(args.dim))
+    for line in loss_bench.summarize(rows, "batch", "open_clip", [i for i in impls if i != "open_clip"]):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
