@@ -11,6 +11,19 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()  # safe without a GPU: no CUDA context is created
+
+
+# Without a GPU, Triton kernels run on CPU tensors under the interpreter (tests/kernels, and impl="triton" in
+# tests/losses). TRITON_INTERPRET is read when triton decorates a kernel, i.e. when a fastenc.kernels module is
+# first imported, so it is set here, before any test module loads (an explicit TRITON_INTERPRET from the caller wins).
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running CPU test, excluded from the default tier")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")

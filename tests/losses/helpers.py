@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+from fastenc.utils.optional import is_available
+
+
+def fast_impls() -> list[str]:
+    """The fast implementations that run here: chunked always, native when fastenc._C is built, triton on CUDA or
+    under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)."""
+    out = ["chunked"]
+    if is_available("fastenc._C"):
+        out.append("native")
+    if is_available("triton") and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        out.append("triton")
+    return out
+
 
 # bf16 keeps 8 significant bits: one rounding has relative error at most u = 2^-8 (eps = 2^-7 = 2u).
 BF16_U = 2.0**-8

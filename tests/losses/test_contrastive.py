@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastenc.losses import clip_loss, clip_loss_ref
-from tests.losses.helpers import BF16_U, rel_err, unit_features, value_and_grads
+from tests.losses.helpers import BF16_U, fast_impls, rel_err, unit_features, value_and_grads
 
 NAMES = ("loss", "d_image", "d_text", "d_logit_scale")
 
@@ -24,7 +24,7 @@ def clip_open_clip(img, txt, scale):
 
 ORACLES = {"inline": clip_inline, "open_clip": clip_open_clip}
 CANDIDATES = {"clip_loss": clip_loss, "clip_loss_auto": partial(clip_loss, impl="auto"), "clip_loss_ref": clip_loss_ref,
-              "clip_loss_chunked": partial(clip_loss, impl="chunked")}
+              **{f"clip_loss_{impl}": partial(clip_loss, impl=impl) for impl in fast_impls()}}
 
 
 @pytest.mark.parametrize("B", [1, 2, 13])

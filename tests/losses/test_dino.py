@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastenc.losses.dino import dino_center_update, dino_loss, dino_loss_ref
 from tests.gloo import run_ranks
 
-from .helpers import rel_err
+from .helpers import fast_impls, rel_err
 
 
 def _outputs(C, G, B, K, dtype=torch.float32, seed=0):
@@ -32,7 +32,8 @@ def _value_and_grad(fn, student, teacher, center, **kw):
     return loss.detach(), s.grad.float()
 
 
-IMPLS = ["reference", "chunked"]
+# Every implementation that runs here (helpers.fast_impls).
+IMPLS = ["reference", *fast_impls()]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastenc.losses import siglip_loss, siglip_loss_ref
-from tests.losses.helpers import BF16_U, rel_err, unit_features, value_and_grads
+from tests.losses.helpers import BF16_U, fast_impls, rel_err, unit_features, value_and_grads
 
 NAMES = ("loss", "d_image", "d_text", "d_logit_scale", "d_logit_bias")
 
@@ -28,7 +28,7 @@ CANDIDATES = {
     "siglip_loss": siglip_loss,
     "siglip_loss_auto": partial(siglip_loss, impl="auto"),
     "siglip_loss_ref": siglip_loss_ref,
-    "siglip_loss_chunked": partial(siglip_loss, impl="chunked"),
+    **{f"siglip_loss_{impl}": partial(siglip_loss, impl=impl) for impl in fast_impls()},
 }
 
 

@@ -1,0 +1,206 @@
+"""dino_loss_triton (fastenc/kernels/dino.py) against `dino_loss_ref` (facebookresearch/dino's pair loop): value and
+student gradient for several crop counts, batch sizes, odd K and K blocks, bf16, K = 65536, the teacher batch sum,
+and that no [crops x B x K] tensor is kept."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (it ships with the CUDA build of torch)")
+
+from fastenc.kernels.dino import dino_loss_ref, dino_loss_triton  # noqa: E402
+from fastenc.losses.dino import teacher_batch_sum  # noqa: E402
+from tests.losses.helpers import BF16_U, rel_err  # noqa: E402
+
+
+def _outputs(C, G, B, K, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(C * B, K, generator=g) * 2).to(device=device, dtype=dtype)
+    teacher = (torch.randn(G * B, K, generator=g) * 2).to(device=device, dtype=dtype)
+    center = (torch.randn(1, K, generator=g) * 0.1).to(device)
+    return student, teacher, center
+
+
+def _value_and_grad(fn, student, teacher, center, **kw):
+    s = student.detach().clone().requires_grad_()
+    out = fn(s, teacher, center, **kw)
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    return loss.detach(), s.grad.float()
+
+
+# fp32: same terms in another order (K blocks, online max / sum, the factored pair sum); measured <= ~2e-7
+# relative for the loss and the gradient at teacher_temp 0.04 (teacher logits up to ~150: the kernel applies
+# (x - max) - log sum, not x - lse, to keep that). The reference's own factored twin differs by about as much.
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = 1e-5
+
+# (C, G, B, K, block_k): G = 2 with C = 2..6 and 10 (2 global + 8 local), G = 1 and 3, B = 1 and odd, K odd / prime
+# and smaller or larger than the K block (several loop steps with a partial last block).
+CASES = [
+    (2, 2, 1, 7, 16),
+    (3, 2, 3, 33, 16),
+    (4, 2, 3, 100, 32),
+    (5, 2, 2, 37, None),
+    (6, 2, 5, 64, 16),
+    (10, 2, 3, 100, 64),
+    (3, 1, 2, 9, None),
+    (6, 3, 2, 5, 16),
+]
+
+
+@pytest.mark.parametrize("C,G,B,K,block_k", CASES)
+def test_fp32_equals_reference_and_teacher_sum(C, G, B, K, block_k, device):
+    student, teacher, center = _outputs(C, G, B, K, device)
+    kw = dict(student_temp=0.1, teacher_temp=0.04, num_global_crops=G)
+    want, want_grad = _value_and_grad(dino_loss_ref, student, teacher, center, **kw)
+    got, got_grad = _value_and_grad(dino_loss_triton, student, teacher, center, block_k=block_k, **kw)
+    assert got.dtype == torch.float32 and got.shape == ()
+    torch.testing.assert_close(got, want, **LOSS_TOL)
+    assert rel_err(got_grad, want_grad) < GRAD_TOL
+    loss, tsum = dino_loss_triton(student, teacher, center, block_k=block_k, return_teacher_sum=True, **kw)
+    torch.testing.assert_close(loss, want, **LOSS_TOL)
+    assert tsum.shape == (1, K) and tsum.dtype == torch.float32 and not tsum.requires_grad
+    # fp32 sums of G * B values in another order (atomics over rows): a few ulp of the partial sums.
+    torch.testing.assert_close(tsum, teacher_batch_sum(teacher), rtol=1e-6, atol=1e-5)
+
+
+def test_paper_scale_k(device):
+    """K = 65536 prototypes (the paper's head), streamed in 16 blocks of 4096."""
+    C, G, B, K = 4, 2, 2, 65536
+    student, teacher, center = _outputs(C, G, B, K, device)
+    want, want_grad = _value_and_grad(dino_loss_ref, student, teacher, center)
+    got, got_grad = _value_and_grad(dino_loss_triton, student, teacher, center, block_k=4096,
+                                    return_teacher_sum=True)
+    torch.testing.assert_close(got, want, **LOSS_TOL)
+    assert rel_err(got_grad, want_grad) < GRAD_TOL
+    _, tsum = dino_loss_triton(student, teacher, center, block_k=4096, return_teacher_sum=True)
+    torch.testing.assert_close(tsum, teacher_batch_sum(teacher), rtol=1e-6, atol=1e-5)
+
+
+def test_center_shapes_temperatures_and_a_strided_student(device):
+    """center as [K]; other temperatures; student rows with a stride (a column slice of a wider head output)."""
+    C, G, B, K = 4, 2, 3, 40
+    wide, teacher, center = _outputs(C, G, B, 2 * K, device)
+    student, teacher, center = wide[:, :K], teacher[:, :K].contiguous(), center[:, :K].reshape(K)
+    kw = dict(student_temp=0.2, teacher_temp=0.07, num_global_crops=G)
+    want, want_grad = _value_and_grad(dino_loss_ref, student, teacher, center.reshape(1, K), **kw)
+    got, got_grad = _value_and_grad(dino_loss_triton, student, teacher, center, block_k=16, **kw)
+    torch.testing.assert_close(got, want, **LOSS_TOL)
+    assert rel_err(got_grad, want_grad) < GRAD_TOL
+
+
+def test_teacher_gets_no_gradient_and_collapse_value(device):
+    student, teacher, center = _outputs(4, 2, 3, 8, device)
+    t = teacher.clone().requires_grad_()
+    s = student.clone().requires_grad_()
+    dino_loss_triton(s, t, center).backward()
+    assert t.grad is None and s.grad is not None
+    # Uniform teacher and student: every term is the entropy log K.
+    K = 8
+    zeros = torch.zeros(4 * 3, K, device=device), torch.zeros(2 * 3, K, device=device)
+    got = dino_loss_triton(*zeros, torch.zeros(1, K, device=device))
+    torch.testing.assert_close(got, torch.tensor(math.log(K), device=device))
+
+
+def _plain_bf16(student, teacher, center, student_temp=0.1, teacher_temp=0.04, num_global_crops=2):
+    """The reference loop evaluated entirely in bf16 by plain PyTorch (softmaxes, products and sums in bf16)."""
+    G = num_global_crops
+    B = teacher.shape[0] // G
+    C = student.shape[0] // B
+    logp = F.log_softmax(student / student_temp, dim=-1).chunk(C)
+    q = F.softmax((teacher - center.to(teacher.dtype)) / teacher_temp, dim=-1).detach().chunk(G)
+    terms = [torch.sum(-q[i] * logp[v], dim=-1).mean() for i in range(G) for v in range(C) if v != i]
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("C", [2, 6])
+def test_bf16(C, device):
+    """Both the kernel and the reference upcast the bf16 logits, so against fp32 on the same bf16 values only the
+    summation order differs for the loss and the bf16 gradient is rounded once (u = 2^-8). Principle 3's bound (at
+    most twice plain all-bf16 PyTorch's error, floor u) holds a fortiori; both are checked."""
+    student, teacher, center = _outputs(C, 2, 4, 40, device, torch.bfloat16)
+    kw = dict(student_temp=0.1, teacher_temp=0.07, num_global_crops=2)
+    want, want_grad = _value_and_grad(dino_loss_ref, student.float(), teacher.float(), center, **kw)
+    plain, plain_grad = _value_and_grad(_plain_bf16, student, teacher, center, **kw)
+    got, got_grad = _value_and_grad(dino_loss_triton, student, teacher, center, block_k=16, **kw)
+    torch.testing.assert_close(got, want, **LOSS_TOL)
+    assert rel_err(got_grad, want_grad) <= BF16_U
+    for name, g, p, w in (("loss", got, plain, want), ("d_student", got_grad, plain_grad, want_grad)):
+        err, err_plain = rel_err(g, w), rel_err(p, w)
+        assert err <= max(2 * err_plain, BF16_U), f"{name}: rel err {err:.2e} vs plain bf16 {err_plain:.2e}"
+
+
+def test_bf16_gradient_is_bf16_and_rounded_like_autograd(device):
+    """The kernel rounds its fp32 gradient to bf16 once, to nearest even, as autograd rounds the reference's. A
+    truncating cast (what the interpreter's own fp32 -> bf16 cast does) is off by one ulp about half the time and
+    fails here (checked by swapping it in)."""
+    student, teacher, center = _outputs(6, 2, 3, 50, device, torch.bfloat16)
+    _, want_grad = _value_and_grad(dino_loss_ref, student, teacher, center)
+    s = student.clone().requires_grad_()
+    dino_loss_triton(s, teacher, center, block_k=16).backward()
+    assert s.grad.dtype == torch.bfloat16
+    # Same fp32 gradient up to summation order, then one RTNE rounding each: equal, or one bf16 ulp apart where the
+    # fp32 values straddle a rounding boundary (rare), except for elements ~1e-20 of the largest, which are sums
+    # cancelling to nothing and may differ relatively by a lot (absolute slack: 1e-6 of the largest element).
+    ulp = torch.finfo(torch.bfloat16).eps * want_grad.abs() + 1e-6 * want_grad.abs().max()
+    assert ((s.grad.float() - want_grad).abs() <= ulp).all()
+    assert (s.grad.float() == want_grad).float().mean() > 0.95
+
+
+def test_keeps_only_row_statistics_and_creates_no_crop_tensor(device, allocations):
+    """Saved for backward beyond the inputs: 2 * B * (C + G) statistics. Allocated in forward + backward: nothing of
+    the size of one crop's [B, K] probabilities, only the [C * B, K] student gradient itself. The reference keeps
+    its per-crop log-probabilities and probabilities (the check can fail)."""
+    C, G, B, K = 10, 2, 4, 256
+    student, teacher, center = _outputs(C, G, B, K, device)
+    fn = lambda s, t, c: dino_loss_triton(s, t, c, block_k=64)  # noqa: E731
+    assert _saved_not_inputs(fn, student, teacher, center) == 2 * B * (C + G)
+    assert _saved_not_inputs(dino_loss_ref, student, teacher, center) >= C * B * K
+
+    def sizes(loss_fn):
+        s = student.detach().clone().requires_grad_()
+        return [n for n in allocations(lambda: loss_fn(s, teacher, center).backward()) if n >= B * K]
+
+    assert sizes(fn) == [C * B * K]
+    assert len(sizes(dino_loss_ref)) > 1
+
+
+def _saved_not_inputs(fn, student, teacher, center) -> int:
+    """Elements autograd keeps for backward that are not (views of) the inputs: what the loss allocates to keep."""
+    student = student.clone().requires_grad_()
+    inputs = {t.untyped_storage().data_ptr() for t in (student, teacher, center)}
+    own = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            own.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(student, teacher, center)
+    return sum(own)
+
+
+def test_bad_arguments_are_refused(device):
+    student, teacher, center = _outputs(4, 2, 3, 8, device)
+    with pytest.raises(ValueError, match="center must be"):
+        dino_loss_triton(student, teacher, center[:, :4])
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        dino_loss_triton(student, teacher, center, block_k=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_paper_scale(dtype):
+    C, G, B, K = 10, 2, 64, 65536  # 2 global + 8 local crops, the paper's per-GPU batch and head
+    student, teacher, center = _outputs(C, G, B, K, "cuda", dtype)
+    want, want_grad = _value_and_grad(dino_loss_ref, student.float(), teacher.float(), center)
+    got, got_grad = _value_and_grad(dino_loss_triton, student, teacher, center)
+    # The loss sums 64 x 65536 x 10 terms: the kernel sequentially over 256 K blocks, torch pairwise; allow 1e-4.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert rel_err(got_grad, want_grad) < (GRAD_TOL if dtype == torch.float32 else BF16_U)
+    _, tsum = dino_loss_triton(student, teacher, center, return_teacher_sum=True)
+    torch.testing.assert_close(tsum, teacher_batch_sum(teacher), rtol=1e-5, atol=1e-4)
