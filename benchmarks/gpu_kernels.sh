@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_kernels.sh                 # on a CUDA machine: results under benchmarks/results/gpu/
 #   bash benchmarks/gpu_kernels.sh --tiny [DIR]    # anywhere: the same steps at tiny sizes on CPU, Triton under
-#                                                  # TRITON_INTERPRET=1, results under DIR (default: a temp dir)
+#                                                  # TRITON_INTERPRET=1, results under DIR (default: a temp dir);
+#                                                  # tests/test_gpu_kernels_script.py runs it this way
+#   GPU_KERNELS_TESTS=0 bash benchmarks/gpu_kernels.sh ...   # skip the pytest step
 #
 # Paper scale (the fused-kernel issue): CLIP and SigLIP at B = 8192 .. 131072, D = 512, bf16 (the B x B
 # implementations are expected to run out of memory at the top sizes: that is recorded as a row, not a failure);
@@ -22,12 +24,13 @@ if [[ "${1:-}" == "--tiny" ]]; then
     OUT=${2:-$(mktemp -d -t fastenc_gpu_kernels.XXXXXX)}
     export TRITON_INTERPRET=1
     DEVICE=cpu
-    CLIP_B=16,37; DIM=24; DINO_B=2,3; K=96; CROPS=4; DTYPE=fp32; REPS=1
+    CLIP_B=37; DIM=24; DINO_B=3; K=96; CROPS=4; DTYPE=fp32; REPS=1; MODES=fwd+bwd; ONE=--one-process
     IMPLS_CLIP=reference,chunked,triton; IMPLS_DINO=reference_loop,reference,chunked,triton
 else
     OUT=${1:-benchmarks/results/gpu}
     DEVICE=cuda
     CLIP_B=8192,32768,65536,131072; DIM=512; DINO_B=64,128,256; K=65536; CROPS=10; DTYPE=bf16; REPS=3
+    MODES=fwd,bwd,fwd+bwd; ONE=
     IMPLS_CLIP=reference,chunked,triton; IMPLS_DINO=reference_loop,reference,chunked,triton
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu_kernels.sh: no CUDA device here; run with --tiny for the CPU interpreter check" >&2
@@ -54,7 +57,9 @@ print("cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is
 EOF
 
 stamp "kernel tests"
-if "$PY" -c "import pytest" 2>/dev/null; then
+if [[ "${GPU_KERNELS_TESTS:-1}" == "0" ]]; then
+    echo "gpu_kernels.sh: GPU_KERNELS_TESTS=0: kernel tests skipped" | tee "$OUT/kernel_tests.txt"
+elif "$PY" -c "import pytest" 2>/dev/null; then
     # On a GPU the Triton tests run on CUDA tensors (and the gpu-marked ones at larger shapes); with --tiny they
     # run under the interpreter. tests/losses covers every implementation against the references.
     "$PY" -m pytest tests/kernels tests/losses -q -m "gpu or not slow" -p no:cacheprovider \
@@ -64,7 +69,7 @@ else
     echo "gpu_kernels.sh: pytest not installed: kernel tests skipped" | tee "$OUT/kernel_tests.txt" >&2
 fi
 
-COMMON=(--device "$DEVICE" --dtype "$DTYPE" --reps "$REPS" --warmup 1 --no-wait --timeout 600)
+COMMON=(--device "$DEVICE" --dtype "$DTYPE" --reps "$REPS" --warmup 1 --modes "$MODES" --no-wait --timeout 600 $ONE)
 stamp "bench_contrastive"
 "$PY" benchmarks/bench_contrastive.py "${COMMON[@]}" --batch "$CLIP_B" --dim "$DIM" \
     --impls "${PEER}${IMPLS_CLIP}" --out "$OUT/bench_contrastive.csv" || STATUS=1

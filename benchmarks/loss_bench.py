@@ -192,6 +192,9 @@ def common_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--plot", default="", help="PNG (default: the CSV's name with .png)")
     p.add_argument("--no-wait", action="store_true", help="do not wait for an idle machine before measuring")
     p.add_argument("--note", default="")
+    p.add_argument("--one-process", action="store_true",
+                   help="measure every case in one subprocess (fast smoke runs; CPU memory numbers are then not "
+                        "comparable across cases)")
 
 
 def _cuda() -> bool:
@@ -216,7 +219,9 @@ def sweep(script: str, bench: str, args, impls: list[str], sizes: list[dict], si
     cases = [{"impl": impl, "mode": mode, "dtype": args.dtype, "device": args.device, "threads": args.threads,
               "reps": args.reps, "warmup": args.warmup, **size}
              for impl in impls for size in sizes for mode in args.modes.split(",")]
-    if args.device == "cuda":
+    if args.one_process:
+        groups = [cases]
+    elif args.device == "cuda":
         groups = [[c for c in cases if c["impl"] == impl] for impl in impls]
     else:
         groups = [[c] for c in cases]
@@ -228,7 +233,8 @@ def sweep(script: str, bench: str, args, impls: list[str], sizes: list[dict], si
             size = {k: spec[k] for k in sizes[0]}
             row = {"bench": bench, "impl": spec["impl"], "mode": spec["mode"], **size, "dtype": args.dtype,
                    "device": args.device, "threads": args.threads, **res, "foreign_cpu_cores": mon.foreign_cores,
-                   "utc": harness.utc_now(), "note": args.note, **env}
+                   "utc": harness.utc_now(), "note": args.note + (" [one process]" if args.one_process else ""),
+                   **env}
             rows.append(row)
             shown = res.get("error") or f"{res['time_ms']:.1f} ms, peak {res['peak_mb']:.1f} MiB"
             print(f"{bench} {spec['impl']:>14} {spec['mode']:>7} {size_key}={size[size_key]}: {shown}", flush=True)
@@ -281,8 +287,8 @@ def summarize(rows: list[dict], size_key: str, peer: str, fast: list[str]) -> li
     full = [r for r in rows if r["mode"] == "fwd+bwd" and not r.get("error")]
     for size in sorted({int(r[size_key]) for r in full}):
         at = {r["impl"]: r for r in full if int(r[size_key]) == size}
-        if peer not in at:
-            continue
+        if peer not in at or float(at[peer]["peak_mb"]) < 1.0:
+            continue  # below 1 MiB the resident-set measurement is page-granular noise: no ratio
         p = at[peer]
         for impl in fast:
             if impl in at:
