@@ -56,7 +56,10 @@ def native_extensions():
     class OptionalTorchBuildExt(BuildExtension, OptionalBuildExt):
         pass
 
-    ext = CppExtension("fastenc._C", sources, extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
+    # -fno-trapping-math (as torch's own build): lets GCC turn the kernels' float selects into blends, without which
+    # their exp/log loops stay scalar (csrc/losses.cpp).
+    ext = CppExtension("fastenc._C", sources, extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math"],
+                       extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": OptionalTorchBuildExt}
 
 
