@@ -59,7 +59,8 @@ def clip_loss(
     python number or a 0-dim tensor, which then receives a gradient):
         loss = (CE(t * I T^T, diag) + CE(t * T I^T, diag)) / 2,  CE = mean cross-entropy over rows,
     the value of open_clip's ClipLoss. Returns an fp32 scalar. `impl`: "reference" (B x N logits), "chunked"
-    (rows in chunks, tiles recomputed in backward: no B x N tensor kept) or "auto".
+    (pure torch, rows in chunks, tiles recomputed in backward), "native" (CPU extension), "triton" (CUDA) or
+    "auto" (the fastest one for the device; fastenc.losses.dispatch). Only "reference" keeps a B x N tensor.
 
     distributed=True (open_clip's local_loss=True, gather_with_grad=True): each of the W ranks passes its local
     [B, D] features; I_all, T_all [N, D] are all ranks' features gathered with gradient, and rank r returns

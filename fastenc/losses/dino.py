@@ -104,6 +104,11 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     student_temp); loss = mean over the pairs (teacher view i, student view v != i) of the batch mean of
     -sum_k q_ik log p_vk, i.e. G * (C - 1) terms (18 with 2 global + 8 local crops). Local crops may have been
     encoded at another resolution: only the head outputs [C * B, K] matter here. Returns an fp32 scalar.
+    `impl`: "reference" (one log_softmax per crop: [C * B, K] fp32 kept for backward), "chunked" (batch rows in
+    chunks), "native" (CPU extension, streamed over K), "triton" (CUDA) or "auto" (the fastest one for the device).
+    The fused kernels can also return the teacher's batch sum (`return_teacher_sum=True` of dino_loss_native /
+    dino_loss_triton); the DINO objective computes that sum before the student's forward instead, so that the
+    center's all-reduce overlaps the student's compute.
     Data-parallel: the loss is a local-batch mean, so the engine's gradient average over ranks equals the
     full-batch gradient; only the center needs the global batch (dino_center_update).
     """

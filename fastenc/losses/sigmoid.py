@@ -61,7 +61,9 @@ def siglip_loss(
     numbers or 0-dim tensors, which then receive gradients):
         z = t * I T^T + b,  label_ij = +1 if i == j else -1,  loss = -sum_ij log sigmoid(label_ij * z_ij) / B,
     the value of open_clip's SigLipLoss. Returns an fp32 scalar. `impl`: "reference" (B x B logits per block),
-    "chunked" (rows in chunks, tiles recomputed in backward: no B x B tensor kept) or "auto".
+    "chunked" (pure torch, rows in chunks, tiles recomputed in backward), "native" (CPU extension), "triton"
+    (CUDA) or "auto" (the fastest one for the device; fastenc.losses.dispatch). Only "reference" keeps a B x B
+    tensor.
 
     distributed=True: text features travel around a ring (open_clip's dist_impl="shift", mirrored; W-1 steps;
     its "bidir" variant halves the number of latency-bound steps, worth it only for large W). Rank r first scores
