@@ -19,7 +19,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loss_bench  # noqa: E402
-from bench_contrastive import default_impls  # noqa: E402
 
 BENCH = "dino_loss"
 
@@ -57,8 +56,7 @@ def main():
     args = p.parse_args()
     if args.worker:
         return loss_bench.worker_main(args.worker, build)
-    impls = args.impls.split(",") if args.impls else ["reference_loop"] + [
-        i for i in default_impls(args.device) if i != "open_clip"]
+    impls = args.impls.split(",") if args.impls else ["reference_loop"] + loss_bench.default_impls(args.device)
     sizes = [{"batch": int(b), "prototypes": args.prototypes, "crops": args.crops, "global_crops": args.global_crops}
              for b in args.batch.split(",")]
     rows = loss_bench.sweep(os.path.abspath(__file__), BENCH, args, impls, sizes, "batch")

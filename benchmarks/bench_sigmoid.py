@@ -11,14 +11,12 @@ the measurements). Rows go to results/bench_sigmoid.csv, the plot to results/ben
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loss_bench  # noqa: E402
-from bench_contrastive import default_impls  # noqa: E402
 
 BENCH = "siglip_loss"
 
@@ -52,24 +50,5 @@ def build(spec):
     return (lambda: inputs(spec["batch"], spec["dim"])), fn, (lambda: inputs(8, spec["dim"]))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    loss_bench.common_args(p, "bench_sigmoid.csv")
-    p.add_argument("--batch", default="1024,4096,16384", help="comma-separated batch sizes B")
-    p.add_argument("--dim", type=int, default=512)
-    args = p.parse_args()
-    if args.worker:
-        return loss_bench.worker_main(args.worker, build)
-    impls = args.impls.split(",") if args.impls else default_impls(args.device)
-    sizes = [{"batch": int(b), "dim": args.dim} for b in args.batch.split(",")]
-    rows = loss_bench.sweep(os.path.abspath(__file__), BENCH, args, impls, sizes, "batch")
-    png = args.plot or os.path.splitext(args.out)[0] + ".png"
-    loss_bench.plot(args.out, png, BENCH, "batch", f"siglip_loss fwd+bwd, D={args.dim}, {args.dtype}, "
-                    f"{args.device}, {args.threads} threads", where=lambda r: r["dtype"] == args.dtype
-                    and r["device"] == args.device and r["dim"] == str(args.dim))
-    for line in loss_bench.summarize(rows, "batch", "open_clip", [i for i in impls if i != "open_clip"]):
-        print(line)
-
-
 if __name__ == "__main__":
-    main()
+    loss_bench.feature_loss_main(__doc__, __file__, BENCH, build)

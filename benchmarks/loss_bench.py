@@ -298,3 +298,36 @@ def summarize(rows: list[dict], size_key: str, peer: str, fast: list[str]) -> li
                              f"at {float(r['time_ms']) / float(p['time_ms']):.2f}x its time "
                              f"({float(r['time_ms']):.0f} vs {float(p['time_ms']):.0f} ms)")
     return lines
+
+
+def default_impls(device: str) -> list[str]:
+    """The implementations that run on `device` here (triton on CPU only under TRITON_INTERPRET=1)."""
+    from fastenc.utils.optional import is_available
+
+    out = ["reference", "chunked"]
+    if device == "cpu" and is_available("fastenc._C"):
+        out.append("native")
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        out.append("triton")
+    return out
+
+
+def feature_loss_main(doc: str, script: str, bench: str, build) -> None:
+    """The command line of a loss on [B, D] features (bench_contrastive, bench_sigmoid): open_clip's module is the
+    peer, the sweep axis is the batch."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(p, os.path.basename(script).replace(".py", ".csv"))
+    p.add_argument("--batch", default="1024,4096,16384", help="comma-separated batch sizes B")
+    p.add_argument("--dim", type=int, default=512)
+    args = p.parse_args()
+    if args.worker:
+        return worker_main(args.worker, build)
+    impls = args.impls.split(",") if args.impls else ["open_clip"] + default_impls(args.device)
+    sizes = [{"batch": int(b), "dim": args.dim} for b in args.batch.split(",")]
+    rows = sweep(os.path.abspath(script), bench, args, impls, sizes, "batch")
+    png = args.plot or os.path.splitext(args.out)[0] + ".png"
+    plot(args.out, png, bench, "batch", f"{bench} fwd+bwd, D={args.dim}, {args.dtype}, {args.device}, "
+         f"{args.threads} threads", where=lambda r: r["dtype"] == args.dtype and r["device"] == args.device
+         and r["dim"] == str(args.dim))
+    for line in summarize(rows, "batch", "open_clip", [i for i in impls if i != "open_clip"]):
+        print(line)
