@@ -24,16 +24,13 @@ BENCH = "clip_loss"
 
 def build(spec):
     import torch
-    import torch.nn.functional as F
 
     from fastenc.losses import clip_loss
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
     device = spec["device"]
 
     def inputs(B, D):
-        img = F.normalize(torch.randn(B, D, device=device), dim=1).to(dtype).requires_grad_()
-        txt = F.normalize(torch.randn(B, D, device=device), dim=1).to(dtype).requires_grad_()
+        img, txt = loss_bench.unit_features(B, D, spec["dtype"], device)
         return img, txt, torch.tensor(14.3, device=device, requires_grad=True)
 
     if spec["impl"] == "open_clip":
@@ -42,7 +39,7 @@ def build(spec):
         peer = ClipLoss()
 
         def fn(img, txt, t):  # open_clip computes the loss in the features' dtype; upcast as its autocast would
-            return peer(img.float(), txt.float(), t) if dtype != torch.float32 else peer(img, txt, t)
+            return peer(img.float(), txt.float(), t) if spec["dtype"] != "fp32" else peer(img, txt, t)
     else:
         def fn(img, txt, t):
             return clip_loss(img, txt, t, impl=spec["impl"])

@@ -23,16 +23,13 @@ BENCH = "siglip_loss"
 
 def build(spec):
     import torch
-    import torch.nn.functional as F
 
     from fastenc.losses import siglip_loss
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
     device = spec["device"]
 
     def inputs(B, D):
-        img = F.normalize(torch.randn(B, D, device=device), dim=1).to(dtype).requires_grad_()
-        txt = F.normalize(torch.randn(B, D, device=device), dim=1).to(dtype).requires_grad_()
+        img, txt = loss_bench.unit_features(B, D, spec["dtype"], device)
         t = torch.tensor(10.0, device=device, requires_grad=True)
         return img, txt, t, torch.tensor(-10.0, device=device, requires_grad=True)
 
@@ -42,7 +39,7 @@ def build(spec):
         peer = SigLipLoss()
 
         def fn(img, txt, t, b):
-            return peer(img.float(), txt.float(), t, b) if dtype != torch.float32 else peer(img, txt, t, b)
+            return peer(img.float(), txt.float(), t, b) if spec["dtype"] != "fp32" else peer(img, txt, t, b)
     else:
         def fn(img, txt, t, b):
             return siglip_loss(img, txt, t, b, impl=spec["impl"])

@@ -300,16 +300,21 @@ def summarize(rows: list[dict], size_key: str, peer: str, fast: list[str]) -> li
     return lines
 
 
-def default_impls(device: str) -> list[str]:
-    """The implementations that run on `device` here (triton on CPU only under TRITON_INTERPRET=1)."""
-    from fastenc.utils.optional import is_available
+def unit_features(B: int, D: int, dtype: str, device: str, num: int = 2) -> list:
+    """`num` [B, D] L2-normalized feature sets (normalized in fp32, then cast) that require gradients."""
+    import torch
+    import torch.nn.functional as F
 
-    out = ["reference", "chunked"]
-    if device == "cpu" and is_available("fastenc._C"):
-        out.append("native")
-    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        out.append("triton")
-    return out
+    cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return [F.normalize(torch.randn(B, D, device=device), dim=1).to(cast).requires_grad_() for _ in range(num)]
+
+
+def default_impls(device: str) -> list[str]:
+    """Every implementation that runs on `device` here (fastenc.losses.dispatch.usable_impls), reference first."""
+    from fastenc.losses.contrastive import _CLIP_IMPLS
+    from fastenc.losses.dispatch import usable_impls
+
+    return sorted(usable_impls(_CLIP_IMPLS, device), key=lambda name: name != "reference")
 
 
 def feature_loss_main(doc: str, script: str, bench: str, build) -> None:

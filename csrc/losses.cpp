@@ -585,44 +585,57 @@ std::vector<at::Tensor> clip_shared_fwd(const at::Tensor& I, const at::Tensor& T
   return {scalar(total / (2.0 * B)), row_stats, col_stats};
 }
 
+// The backward loop both CLIP paths share: recompute each [R, N] tile S = X_r Y^T, turn it into dL/ds in place
+// (tile_clip_grad: row-softmax term from row_stats [2, B], column-softmax term from col_stats [2, N] when given, the
+// positive of row i at column offset + i), then dX_r = dS Y and dY += dS^T X_r.
+// Returns (dX or undefined, dY or undefined, dt (0-dim fp32)).
+static std::vector<at::Tensor> clip_tiles_bwd(const at::Tensor& X, const at::Tensor& Y, float t, float w,
+                                              const float* row_stats, const float* col_stats, int64_t offset,
+                                              int64_t chunk, bool need_x, bool need_y) {
+  const int64_t B = X.size(0), N = Y.size(0), R = std::min(chunk, B);
+  const float* col_max = col_stats ? col_stats : nullptr;
+  const float* col_rsum = col_stats ? col_stats + N : nullptr;
+  at::Tensor dX = need_x ? at::empty_like(X) : at::Tensor();
+  // dY accumulates over tiles: in place in fp32; through a bf16 product per tile (added in fp32) for bf16.
+  at::Tensor dY = need_y ? at::zeros(Y.sizes(), Y.options().dtype(at::kFloat)) : at::Tensor();
+  const at::Tensor Y_rhs = need_x ? row_grad_operand(Y) : Y;
+  std::vector<double> dt_rows(R);
+  double dt = 0.0;
+  at::Tensor tile = at::empty({R, N}, X.options());
+  for (int64_t r0 = 0; r0 < B; r0 += R) {
+    const int64_t r = std::min(R, B - r0);
+    at::Tensor S = tile.narrow(0, 0, r);
+    at::Tensor X_r = X.narrow(0, r0, r);
+    tile_product(S, X_r, Y);
+    if (is_bf16(X))
+      tile_clip_grad<BF16>(S, t, w, row_stats + r0, row_stats + B + r0, col_max, col_rsum, offset + r0,
+                           dt_rows.data());
+    else
+      tile_clip_grad<float>(S, t, w, row_stats + r0, row_stats + B + r0, col_max, col_rsum, offset + r0,
+                            dt_rows.data());
+    for (int64_t i = 0; i < r; ++i) dt += dt_rows[i];
+    if (need_x) {
+      at::Tensor out = dX.narrow(0, r0, r);
+      at::mm_out(out, S, Y_rhs);
+    }
+    if (need_y) {
+      if (is_bf16(X))
+        dY.add_(at::mm(S.t(), X_r));
+      else
+        dY.addmm_(S.t(), X_r);
+    }
+  }
+  if (need_y && is_bf16(Y)) dY = dY.to(Y.scalar_type());
+  return {dX, dY, scalar(dt)};
+}
+
 // Returns (dI or undefined, dT or undefined, dt (0-dim fp32)); grad_scale = dL/dloss.
 std::vector<at::Tensor> clip_shared_bwd(const at::Tensor& I, const at::Tensor& T, double scale,
                                         const at::Tensor& row_stats, const at::Tensor& col_stats, double grad_scale,
                                         int64_t chunk, bool need_i, bool need_t) {
-  const int64_t B = I.size(0), R = std::min(chunk, B);
-  const float t = float(scale), w = float(grad_scale / (2.0 * B));
-  const float* rs = row_stats.data_ptr<float>();
-  const float* cs = col_stats.data_ptr<float>();
-  at::Tensor dI = need_i ? at::empty_like(I) : at::Tensor();
-  // dT accumulates over tiles: in place in fp32; through a bf16 product per tile (added in fp32) for bf16.
-  at::Tensor dT = need_t ? at::zeros(T.sizes(), T.options().dtype(at::kFloat)) : at::Tensor();
-  const at::Tensor T_rhs = need_i ? row_grad_operand(T) : T;
-  std::vector<double> dt_rows(R);
-  double dt = 0.0;
-  at::Tensor tile = at::empty({R, B}, I.options());
-  for (int64_t r0 = 0; r0 < B; r0 += R) {
-    const int64_t r = std::min(R, B - r0);
-    at::Tensor S = tile.narrow(0, 0, r);
-    at::Tensor I_r = I.narrow(0, r0, r);
-    tile_product(S, I_r, T);
-    if (is_bf16(I))
-      tile_clip_grad<BF16>(S, t, w, rs + r0, rs + B + r0, cs, cs + B, r0, dt_rows.data());
-    else
-      tile_clip_grad<float>(S, t, w, rs + r0, rs + B + r0, cs, cs + B, r0, dt_rows.data());
-    for (int64_t i = 0; i < r; ++i) dt += dt_rows[i];
-    if (need_i) {
-      at::Tensor out = dI.narrow(0, r0, r);
-      at::mm_out(out, S, T_rhs);
-    }
-    if (need_t) {
-      if (is_bf16(I))
-        dT.add_(at::mm(S.t(), I_r));
-      else
-        dT.addmm_(S.t(), I_r);
-    }
-  }
-  if (need_t && is_bf16(T)) dT = dT.to(T.scalar_type());
-  return {dI, dT, scalar(dt)};
+  const int64_t B = I.size(0);
+  return clip_tiles_bwd(I, T, float(scale), float(grad_scale / (2.0 * B)), row_stats.data_ptr<float>(),
+                        col_stats.data_ptr<float>(), 0, chunk, need_i, need_t);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -665,38 +678,8 @@ std::vector<at::Tensor> clip_rows_fwd(const at::Tensor& X, const at::Tensor& Y, 
 std::vector<at::Tensor> clip_rows_bwd(const at::Tensor& X, const at::Tensor& Y, double scale,
                                       const at::Tensor& stats, int64_t offset, double w, int64_t chunk, bool need_x,
                                       bool need_y) {
-  const int64_t B = X.size(0), N = Y.size(0), R = std::min(chunk, B);
-  const float t = float(scale);
-  const float* st = stats.data_ptr<float>();
-  at::Tensor dX = need_x ? at::empty_like(X) : at::Tensor();
-  at::Tensor dY = need_y ? at::zeros(Y.sizes(), Y.options().dtype(at::kFloat)) : at::Tensor();
-  const at::Tensor Y_rhs = need_x ? row_grad_operand(Y) : Y;
-  std::vector<double> dt_rows(R);
-  double dt = 0.0;
-  at::Tensor tile = at::empty({R, N}, X.options());
-  for (int64_t r0 = 0; r0 < B; r0 += R) {
-    const int64_t r = std::min(R, B - r0);
-    at::Tensor S = tile.narrow(0, 0, r);
-    at::Tensor X_r = X.narrow(0, r0, r);
-    tile_product(S, X_r, Y);
-    if (is_bf16(X))
-      tile_clip_grad<BF16>(S, t, float(w), st + r0, st + B + r0, nullptr, nullptr, offset + r0, dt_rows.data());
-    else
-      tile_clip_grad<float>(S, t, float(w), st + r0, st + B + r0, nullptr, nullptr, offset + r0, dt_rows.data());
-    for (int64_t i = 0; i < r; ++i) dt += dt_rows[i];
-    if (need_x) {
-      at::Tensor out = dX.narrow(0, r0, r);
-      at::mm_out(out, S, Y_rhs);
-    }
-    if (need_y) {
-      if (is_bf16(X))
-        dY.add_(at::mm(S.t(), X_r));
-      else
-        dY.addmm_(S.t(), X_r);
-    }
-  }
-  if (need_y && is_bf16(Y)) dY = dY.to(Y.scalar_type());
-  return {dX, dY, scalar(dt)};
+  return clip_tiles_bwd(X, Y, float(scale), float(w), stats.data_ptr<float>(), nullptr, offset, chunk, need_x,
+                        need_y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

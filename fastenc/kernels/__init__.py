@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import torch
 
-
-def as_scalar(value, device) -> torch.Tensor:
-    """A 0-dim fp32 tensor on `device`; a tensor argument keeps its graph (so it receives its gradient).
-
-    Kernels read it through a pointer, so a learned scale never forces a host sync."""
-    if isinstance(value, torch.Tensor):
-        return value.reshape(()).float()
-    return torch.tensor(float(value), device=device)
+from fastenc.losses.dispatch import as_scalar  # noqa: F401 - re-exported for the kernel modules
 
 
 def tile_size(op: str, name: str, value: int, extent: int, minimum: int = 16) -> int:

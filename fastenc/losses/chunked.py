@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastenc.losses.dispatch import as_scalar
+
 # Default chunk: as many rows as fit one fp32 tile of TILE_BYTES[device type]. On CPU, 16 MiB keeps the few
 # tile-sized temporaries of a step (logits, probabilities, gradient) far below the B x B logits at large B, while a
 # [256, 16384] tile still gives BLAS a 4 GFLOP product per call. On a GPU every chunk costs several kernel launches
@@ -38,13 +40,6 @@ def rows_per_chunk(chunk: int | None, row_bytes: int, loss: str, device: torch.d
     if chunk < 1:
         raise ValueError(f"{loss}(impl='chunked'): chunk must be >= 1, got {chunk}")
     return chunk
-
-
-def _as_scalar(value, device) -> torch.Tensor:
-    """A 0-dim fp32 tensor; a tensor argument keeps its graph (so it receives its gradient)."""
-    if isinstance(value, torch.Tensor):
-        return value.reshape(()).float()
-    return torch.tensor(float(value), device=device)
 
 
 def _row_lse(X_BD, Y_ND, t, offset, chunk):
@@ -116,7 +111,7 @@ def clip_rows_chunked(img_BD, txt_BD, img_ND, txt_ND, logit_scale, offset: int, 
 
     chunk: rows per tile (default: one TILE_BYTES fp32 tile)."""
     chunk = rows_per_chunk(chunk, 4 * txt_ND.shape[0], "clip_loss", img_BD.device)
-    return _ChunkedClipRows.apply(img_BD, txt_BD, img_ND, txt_ND, _as_scalar(logit_scale, img_BD.device), offset,
+    return _ChunkedClipRows.apply(img_BD, txt_BD, img_ND, txt_ND, as_scalar(logit_scale, img_BD.device), offset,
                                   chunk)
 
 
@@ -180,8 +175,8 @@ def siglip_block_chunked(img_BD, txt_MD, logit_scale, logit_bias, positives: boo
     chunk = rows_per_chunk(chunk, 4 * txt_MD.shape[0], "siglip_loss", img_BD.device)
     if positives and txt_MD.shape[0] != img_BD.shape[0]:
         raise ValueError(f"siglip block with positives must be square, got {img_BD.shape[0]} x {txt_MD.shape[0]}")
-    return _ChunkedSiglipBlock.apply(img_BD, txt_MD, _as_scalar(logit_scale, img_BD.device),
-                                     _as_scalar(logit_bias, img_BD.device), positives, chunk)
+    return _ChunkedSiglipBlock.apply(img_BD, txt_MD, as_scalar(logit_scale, img_BD.device),
+                                     as_scalar(logit_bias, img_BD.device), positives, chunk)
 
 
 class _ChunkedDino(torch.autograd.Function):

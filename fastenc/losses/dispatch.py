@@ -87,6 +87,21 @@ def resolve_impl(loss: str, impl: str, registry: dict[str, Impl], device: torch.
     return entry.fn
 
 
+def usable_impls(registry: dict[str, Impl], device: torch.device | str = "cpu") -> list[str]:
+    """Names of the implementations in `registry` that are installed and accept tensors on `device` when asked for
+    by name (so Triton on CPU only under TRITON_INTERPRET=1), in preference order. For tests and benchmarks."""
+    device_type = torch.device(device).type
+    return [name for name, e in registry.items() if e.available() and e.runs_on(device_type, explicit=True)]
+
+
+def as_scalar(value, device) -> torch.Tensor:
+    """A logit scale / bias as a 0-dim fp32 tensor on `device`; a tensor argument keeps its graph (so it receives its
+    gradient) and is never read on the host (kernels take it by pointer: no sync)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()).float()
+    return torch.tensor(float(value), device=device)
+
+
 def check_features(loss: str, image_BD: torch.Tensor, text_BD: torch.Tensor) -> None:
     """Image and text features must both be [B, D] with the same B >= 1 and D."""
     for name, t in (("image_features", image_BD), ("text_features", text_BD)):

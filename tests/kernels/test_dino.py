@@ -12,7 +12,7 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (it ships w
 
 from fastenc.kernels.dino import dino_loss_ref, dino_loss_triton  # noqa: E402
 from fastenc.losses.dino import teacher_batch_sum  # noqa: E402
-from tests.losses.helpers import BF16_U, rel_err  # noqa: E402
+from tests.losses.helpers import BF16_U, rel_err, saved_not_inputs  # noqa: E402
 
 
 def _outputs(C, G, B, K, device, dtype=torch.float32, seed=0):
@@ -157,8 +157,8 @@ def test_keeps_only_row_statistics_and_creates_no_crop_tensor(device, allocation
     C, G, B, K = 10, 2, 4, 256
     student, teacher, center = _outputs(C, G, B, K, device)
     fn = lambda s, t, c: dino_loss_triton(s, t, c, block_k=64)  # noqa: E731
-    assert _saved_not_inputs(fn, student, teacher, center) == 2 * B * (C + G)
-    assert _saved_not_inputs(dino_loss_ref, student, teacher, center) >= C * B * K
+    assert saved_not_inputs(fn, student, teacher, center) == 2 * B * (C + G)
+    assert saved_not_inputs(dino_loss_ref, student, teacher, center) >= C * B * K
 
     def sizes(loss_fn):
         s = student.detach().clone().requires_grad_()
@@ -166,22 +166,6 @@ def test_keeps_only_row_statistics_and_creates_no_crop_tensor(device, allocation
 
     assert sizes(fn) == [C * B * K]
     assert len(sizes(dino_loss_ref)) > 1
-
-
-def _saved_not_inputs(fn, student, teacher, center) -> int:
-    """Elements autograd keeps for backward that are not (views of) the inputs: what the loss allocates to keep."""
-    student = student.clone().requires_grad_()
-    inputs = {t.untyped_storage().data_ptr() for t in (student, teacher, center)}
-    own = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in inputs:
-            own.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(student, teacher, center)
-    return sum(own)
 
 
 def test_bad_arguments_are_refused(device):

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from fastenc.utils.optional import is_available
+from fastenc.losses.dispatch import usable_impls
 
 
 def fast_impls() -> list[str]:
-    """The fast implementations that run here: chunked always, native when fastenc._C is built, triton on CUDA or
-    under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)."""
-    out = ["chunked"]
-    if is_available("fastenc._C"):
-        out.append("native")
-    if is_available("triton") and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        out.append("triton")
-    return out
+    """The fast implementations that run here (fastenc.losses.dispatch.usable_impls on CPU tensors): chunked always,
+    native when fastenc._C is built, triton on CPU under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+    when there is no GPU). The three losses register the same names."""
+    from fastenc.losses.contrastive import _CLIP_IMPLS
+
+    return [name for name in usable_impls(_CLIP_IMPLS, "cpu") if name != "reference"]
 
 
 # bf16 keeps 8 significant bits: one rounding has relative error at most u = 2^-8 (eps = 2^-7 = 2u).
@@ -44,3 +40,19 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want|| (0 when both are exactly zero, e.g. CLIP gradients at B = 1)."""
     diff = (got - want).norm().item()
     return 0.0 if diff == 0.0 else diff / max(want.norm().item(), 1e-30)
+
+
+def saved_not_inputs(fn, student, teacher, center) -> int:
+    """Elements autograd keeps for backward that are not (views of) the inputs: what the loss allocates to keep."""
+    student = student.clone().requires_grad_()
+    inputs = {t.untyped_storage().data_ptr() for t in (student, teacher, center)}
+    own = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            own.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(student, teacher, center)
+    return sum(own)

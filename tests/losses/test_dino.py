@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastenc.losses.dino import dino_center_update, dino_loss, dino_loss_ref
 from tests.gloo import run_ranks
 
-from .helpers import fast_impls, rel_err
+from .helpers import fast_impls, rel_err, saved_not_inputs
 
 
 def _outputs(C, G, B, K, dtype=torch.float32, seed=0):
@@ -151,27 +151,11 @@ def test_center_update_two_ranks(tmp_path):
         torch.testing.assert_close(res[r]["new"], want, rtol=1e-6, atol=1e-6)
 
 
-def _saved_not_inputs(fn, student, teacher, center) -> int:
-    """Elements autograd keeps for backward that are not (views of) the inputs: what the loss allocates to keep."""
-    student = student.clone().requires_grad_()
-    inputs = {t.untyped_storage().data_ptr() for t in (student, teacher, center)}
-    own = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in inputs:
-            own.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(student, teacher, center)
-    return sum(own)
-
-
 def test_chunked_keeps_nothing_of_its_own_for_backward():
     """The reference keeps its fp32 [C*B, K] log-probabilities (and the teacher probabilities) for backward; chunked
     keeps only views of its inputs and recomputes the rest per chunk, so its loss memory is the chunk's."""
     C, G, B, K = 10, 2, 8, 512
     student, teacher, center = _outputs(C, G, B, K)
-    assert _saved_not_inputs(lambda s, t, c: dino_loss(s, t, c, impl="chunked"), student, teacher, center) == 0
-    reference = _saved_not_inputs(lambda s, t, c: dino_loss(s, t, c, impl="reference"), student, teacher, center)
+    assert saved_not_inputs(lambda s, t, c: dino_loss(s, t, c, impl="chunked"), student, teacher, center) == 0
+    reference = saved_not_inputs(lambda s, t, c: dino_loss(s, t, c, impl="reference"), student, teacher, center)
     assert reference >= student.numel()  # the check can fail: the reference does keep a [C*B, K] tensor
