@@ -17,7 +17,8 @@ $(STAMP): setup.py .ci/constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q -c .ci/constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c .ci/constraints.txt deepspeed timm transformers sentencepiece webdataset safetensors \
-	    pyyaml tqdm tensorboard matplotlib pillow numpy ninja pytest pytest-timeout open_clip_torch
+	    pyyaml tqdm tensorboard matplotlib pillow numpy ninja pytest pytest-timeout open_clip_torch \
+	    nvidia-dali-cuda130 numba
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@# DeepSpeed JIT-builds its CPU shared-memory allreduce on first use (~2 min); do it once here, in one
 	@# process, because several ranks building it at the same time can hang.

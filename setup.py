@@ -24,6 +24,8 @@ PINS = {
     "sentencepiece": "sentencepiece==0.2.3",
     "webdataset": "webdataset==1.0.2",
     "safetensors": "safetensors==0.8.0",
+    "dali": "nvidia-dali-cuda130==2.4.0",
+    "numba": "numba==0.68.1",
 }
 
 
@@ -79,8 +81,10 @@ setup(
     ],
     extras_require={
         "train": [PINS["deepspeed"], PINS["transformers"], "tensorboard", "matplotlib"],
+        # DALI decoding/augmentation (data.backend=dali); numba runs its CPU multi-crop kernel.
+        "dali": [PINS["dali"], PINS["numba"]],
         "dev": [PINS["deepspeed"], PINS["transformers"], "tensorboard", "matplotlib", "pytest==9.2.0",
-                "pytest-timeout==2.4.0", "open_clip_torch==3.3.0"],
+                "pytest-timeout==2.4.0", "open_clip_torch==3.3.0", PINS["dali"], PINS["numba"]],
         "bench": ["open_clip_torch==3.3.0", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastenc=fastenc.cli:main"]},

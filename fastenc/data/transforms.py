@@ -12,9 +12,8 @@ from PIL import Image, ImageFile
 
 from fastenc.utils.optional import warn_once
 
-# open_clip's OPENAI_DATASET_MEAN / _STD: the normalization every CLIP-family checkpoint expects.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from fastenc.data import spec as S
+from fastenc.data.spec import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextSpec, MultiCropSpec
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -80,7 +79,8 @@ def image_transform(image_size: int, *, train: bool, scale=(0.9, 1.0), mean=OPEN
 
     bicubic = T.InterpolationMode.BICUBIC
     if train:
-        geometry = [T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=bicubic, antialias=True)]
+        geometry = [T.RandomResizedCrop(image_size, scale=tuple(scale), ratio=S.CROP_RATIO, interpolation=bicubic,
+                                        antialias=True)]
     else:
         geometry = [T.Resize(image_size, interpolation=bicubic, antialias=True), T.CenterCrop(image_size)]
     return T.Compose([*geometry, _to_rgb, T.ToTensor(), T.Normalize(mean, std)])
@@ -149,9 +149,9 @@ def multicrop_transforms(global_size: int, local_size: int, *, num_global: int =
 
     bicubic = T.InterpolationMode.BICUBIC
     flip_and_color_jitter = [
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        T.RandomHorizontalFlip(p=S.FLIP_P),
+        T.RandomApply([T.ColorJitter(**S.JITTER)], p=S.JITTER_P),
+        T.RandomGrayscale(p=S.GRAY_P),
     ]
     normalize = [_to_rgb, T.ToTensor(), T.Normalize(mean, std)]
 
@@ -163,13 +163,15 @@ def multicrop_transforms(global_size: int, local_size: int, *, num_global: int =
         return _GaussianBlur(p, lo, hi)
 
     def crop(size, scale):
-        return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic, antialias=True)
+        return T.RandomResizedCrop(size, scale=tuple(scale), ratio=S.CROP_RATIO, interpolation=bicubic,
+                                   antialias=True)
 
-    globals_ = [T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, blur(1.0), *normalize])]
+    globals_ = [T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, blur(S.BLUR_P_GLOBAL1),
+                           *normalize])]
     for _ in range(num_global - 1):
-        globals_.append(T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, blur(0.1),
-                                   T.RandomSolarize(threshold=128, p=0.2), *normalize]))
-    local = T.Compose([crop(local_size, local_scale), *flip_and_color_jitter, blur(0.5), *normalize])
+        globals_.append(T.Compose([crop(global_size, global_scale), *flip_and_color_jitter, blur(S.BLUR_P_GLOBAL2),
+                                   T.RandomSolarize(threshold=128, p=S.SOLARIZE_P), *normalize]))
+    local = T.Compose([crop(local_size, local_scale), *flip_and_color_jitter, blur(S.BLUR_P_LOCAL), *normalize])
     return globals_, local
 
 
@@ -200,3 +202,17 @@ class MultiCropSample:
 
     def __repr__(self):
         return f"MultiCropSample({len(self.global_transforms)} global, {self.num_local} local)"
+
+
+def torch_sample_fn(spec):
+    """The torch path's per-sample callable (run in DataLoader workers) for an ImageTextSpec or MultiCropSpec."""
+    if isinstance(spec, ImageTextSpec):
+        tf = image_transform(spec.image_size, train=spec.train, scale=tuple(spec.crop_scale), mean=spec.mean,
+                             std=spec.std)
+        return CaptionSample(tf, captions=spec.captions)
+    if isinstance(spec, MultiCropSpec):
+        globals_, local = multicrop_transforms(spec.global_size, spec.local_size, num_global=spec.num_global,
+                                               global_scale=spec.global_scale, local_scale=spec.local_scale,
+                                               blur_radius=spec.blur_radius, mean=spec.mean, std=spec.std)
+        return MultiCropSample(globals_, local, spec.num_local)
+    raise TypeError(f"no torch transform for data spec {spec!r}")

@@ -1,0 +1,618 @@
+"""NVIDIA DALI data path: webdataset shards -> decode + augment in DALI -> batch dicts of torch tensors.
+
+One pipeline definition per data spec (fastenc.data.spec) serves both devices:
+    device "gpu"   decoders run "mixed" (nvJPEG on the GPU), every augmentation runs on the GPU, batches arrive
+                   as CUDA tensors on this rank's device;
+    device "cpu"   DALI's CPU backend (device_id=None), for machines without a GPU; batches are CPU tensors.
+"auto" picks gpu when torch sees CUDA, else cpu.
+
+Reading. fn.readers.webdataset reads the shards through their DALI index files (fastenc.data.index; built and
+validated by `fastenc data index`, `fastenc data ingest` or, when missing, by the trainer's prepare step). Each epoch
+is a list of shards: a seeded permutation (data.resampled=false) or a seeded draw with replacement of as many
+shards (data.resampled=true), the same list on every rank; the reader splits the samples of that list into
+world_size contiguous parts (shard_id=rank) and shuffles within a buffer of data.shuffle_buffer samples. An epoch
+gives every rank the same number of full batches (the smallest rank part // batch size); the rest is dropped.
+
+Resume is exact. `state_dict()` holds the epoch, the batches delivered in it and DALI's own pipeline checkpoint
+(reader position and every random generator); a pipeline restored from it produces the batches the old one would
+have produced next. A restored run therefore neither repeats nor skips a sample (tests/data/test_dali.py checks it).
+
+Corrupt samples. DALI cannot skip a sample it fails to decode: the whole batch fails and the pipeline object is
+dead. fastenc handles it in two layers:
+  1. validation when indexing: samples whose image does not decode are left out of the index (counted in the
+     index reports and in `num_excluded`), non-UTF-8 or missing captions are left out of image-text epochs;
+  2. a recovery path for whatever still fails (indexes built without validation, or an image Pillow decodes and
+     DALI does not): the loader replays the failing batches' raw bytes with a reader-only pipeline, finds the
+     samples Pillow cannot decode (all samples of those batches if it finds none), writes this rank's copy of
+     the affected indexes without them, and rebuilds the pipeline from the checkpoint of the last delivered batch.
+     The skipped samples are counted in the next batch's num_skipped. Because the reader position counts samples
+     of the now shorter list, a recovery can repeat or skip up to data.shuffle_buffer + batch_size samples of
+     this rank's epoch (measured in tests/data/test_dali.py); after max_recoveries recoveries the loader stops
+     and asks for `fastenc data index` (validation), since then the data, not luck, is the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from fastenc.data import spec as S
+from fastenc.data.index import index_path_for, read_report
+from fastenc.data.spec import ImageTextSpec, MultiCropSpec
+from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_image
+from fastenc.utils.optional import is_available, require
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXT = ";".join(IMAGE_EXTENSIONS)  # fn.readers.webdataset: the first extension present is the image
+READER = "reader"
+_NUM_LOGGED = 10
+
+
+def dali_available() -> bool:
+    return is_available("nvidia.dali")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'gpu' if torch sees CUDA else 'cpu'; 'gpu' without CUDA is an error that says what to do."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"DALI device must be auto, cpu or gpu, got {device!r}")
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("data.dali_device=gpu but torch sees no CUDA device: use data.dali_device=cpu (or auto)")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline graphs (called inside a DALI pipeline definition)
+
+
+def _fn():
+    require("nvidia.dali", "the DALI data backend")
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    return fn, types
+
+
+def _normalize(img, spec, *, mirror=None, crop=None):
+    import nvidia.dali.fn as fn  # plain imports: also called under DALI's conditional (autograph) conversion
+    import nvidia.dali.types as types
+
+    kwargs = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in spec.mean],
+                  std=[255 * s for s in spec.std])
+    if mirror is not None:
+        kwargs["mirror"] = mirror
+    if crop is not None:
+        kwargs["crop"] = crop
+    return fn.crop_mirror_normalize(img, **kwargs)
+
+
+def image_text_graph(encoded, spec: ImageTextSpec, device: str):
+    """Encoded image bytes -> normalized float [3, S, S]: open_clip's train or eval transform."""
+    fn, types = _fn()
+    decoder = "mixed" if device == "gpu" else "cpu"
+    size = spec.image_size
+    if spec.train:
+        # Decoding only the random crop's region (ROI decode) is what makes DALI's CLIP transform cheap.
+        img = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
+                                            random_area=list(spec.crop_scale), random_aspect_ratio=list(S.CROP_RATIO),
+                                            num_attempts=10)
+        img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+        return _normalize(img, spec)
+    img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    img = fn.resize(img, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
+    return _normalize(img, spec, crop=(size, size))
+
+
+_SOLARIZE_LUT = [k if k < 128 else 255 - k for k in range(256)]  # torchvision's RandomSolarize(threshold=128)
+
+
+def _dino_crop(img, size: int, scale, blur_p: float, solarize_p: float, spec: MultiCropSpec):
+    """One DINO crop: random resized crop, color jitter p 0.8, grayscale p 0.2, blur p, solarize p, flip, normalize.
+
+    Probabilistic steps are DALI conditionals, so only the samples that take a step pay for it. Jitter and
+    grayscale are one color_twist (grayscale = saturation 0, luma weights 0.299/0.587/0.114, as torchvision), whose
+    contrast pivots on mid-gray rather than on the image's mean gray (torchvision), and whose four factors apply in
+    one fixed order (torchvision draws a random order). The flip is the mirror of the final crop_mirror_normalize:
+    it commutes with the per-pixel color ops and the symmetric blur.
+    """
+    import nvidia.dali.fn as fn  # plain imports: this runs under DALI's conditional (autograph) conversion
+    import nvidia.dali.types as types
+
+    img = fn.random_resized_crop(img, size=[size, size], random_area=list(scale), random_aspect_ratio=list(S.CROP_RATIO),
+                                 interp_type=types.INTERP_CUBIC, antialias=True)
+    jitter = fn.random.coin_flip(probability=S.JITTER_P)
+    gray = fn.random.coin_flip(probability=S.GRAY_P)
+    j, on = S.JITTER, fn.cast(jitter, dtype=types.FLOAT)
+    # Drawn for every sample (cheap), applied only to those that jitter or turn gray.
+    brightness = 1.0 + on * (fn.random.uniform(range=[1.0 - j["brightness"], 1.0 + j["brightness"]]) - 1.0)
+    contrast = 1.0 + on * (fn.random.uniform(range=[1.0 - j["contrast"], 1.0 + j["contrast"]]) - 1.0)
+    saturation = 1.0 + on * (fn.random.uniform(range=[1.0 - j["saturation"], 1.0 + j["saturation"]]) - 1.0)
+    saturation = saturation * (1.0 - fn.cast(gray, dtype=types.FLOAT))
+    hue = on * fn.random.uniform(range=[-360.0 * j["hue"], 360.0 * j["hue"]])  # torchvision's hue is in turns
+    if fn.cast(jitter | gray, dtype=types.BOOL):
+        img = fn.color_twist(img, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+    lo, hi = (float(r) for r in spec.blur_radius)
+    if hi > 0 and blur_p >= 1:
+        img = fn.gaussian_blur(img, sigma=fn.random.uniform(range=[max(lo, 1e-3), hi]))
+    elif hi > 0 and blur_p > 0:
+        if fn.random.coin_flip(probability=blur_p):
+            img = fn.gaussian_blur(img, sigma=fn.random.uniform(range=[max(lo, 1e-3), hi]))
+    if solarize_p > 0:
+        if fn.random.coin_flip(probability=solarize_p):
+            img = fn.lookup_table(img, keys=list(range(256)), values=_SOLARIZE_LUT, dtype=types.UINT8)
+    return _normalize(img, spec, mirror=fn.random.coin_flip(probability=S.FLIP_P))
+
+
+def _cpu_crop_params(num: int, blur_p: float, solarize_p: float, spec: MultiCropSpec):
+    """[num, NUM_PARAMS] float per sample: the random draws of `num` crops of one kind (fastenc.data.dali_numba)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    def coin(p):
+        return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT) if p > 0 else 0.0 * fn.random.uniform()
+
+    j = S.JITTER
+    lo, hi = (float(r) for r in spec.blur_radius)
+    rows = []
+    for _ in range(num):
+        sigma = (fn.random.uniform(range=[max(lo, 1e-3), hi]) * coin(blur_p)) if hi > 0 and blur_p > 0 else coin(0.0)
+        draws = [coin(S.FLIP_P), coin(S.JITTER_P),
+                 fn.random.uniform(range=[1 - j["brightness"], 1 + j["brightness"]]),
+                 fn.random.uniform(range=[1 - j["contrast"], 1 + j["contrast"]]),
+                 fn.random.uniform(range=[1 - j["saturation"], 1 + j["saturation"]]),
+                 fn.random.uniform(range=[-j["hue"], j["hue"]]),
+                 fn.random.uniform(values=[float(k) for k in range(24)]),  # torchvision's randperm(4)
+                 coin(S.GRAY_P), sigma, coin(solarize_p)]
+        rows.append(fn.cat(fn.stack(*draws), fn.constant(fdata=[255 * m for m in spec.mean] + [255 * s for s in spec.std],
+                                                         shape=[6], dtype=types.FLOAT)))
+    return fn.stack(*rows)
+
+
+def _cpu_crops(img, num: int, size: int, scale, blur_p: float, solarize_p: float, spec: MultiCropSpec):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    from fastenc.data.dali_numba import dali_op
+
+    crops = [fn.random_resized_crop(img, size=[size, size], random_area=list(scale),
+                                    random_aspect_ratio=list(S.CROP_RATIO), interp_type=types.INTERP_CUBIC,
+                                    antialias=True) for _ in range(num)]
+    stacked = fn.stack(*crops) if num > 1 else fn.expand_dims(crops[0], axes=[0])
+    return dali_op()(stacked, _cpu_crop_params(num, blur_p, solarize_p, spec))
+
+
+def multicrop_graph(encoded, spec: MultiCropSpec, device: str):
+    """Encoded bytes -> (global [G, 3, S, S], local [N, 3, s, s] or None): one decode, G + N crops.
+
+    gpu: DALI's GPU operators per crop (_dino_crop). cpu: DALI decodes and crops, then one fused numba kernel per
+    crop group does the color, blur, solarize, flip and normalization (fastenc.data.dali_numba), because DALI's
+    CPU color and blur operators are too slow to beat PIL.
+    """
+    fn, types = _fn()
+    img = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if device == "cpu":
+        # Global crop 1: blur p 1.0, no solarize; the others: blur p 0.1, solarize p 0.2 (DINO's recipe).
+        out_global = _cpu_crops(img, 1, spec.global_size, spec.global_scale, S.BLUR_P_GLOBAL1, 0.0, spec)
+        if spec.num_global > 1:
+            rest = _cpu_crops(img, spec.num_global - 1, spec.global_size, spec.global_scale, S.BLUR_P_GLOBAL2,
+                              S.SOLARIZE_P, spec)
+            out_global = fn.cat(out_global, rest)
+        out_local = (_cpu_crops(img, spec.num_local, spec.local_size, spec.local_scale, S.BLUR_P_LOCAL, 0.0, spec)
+                     if spec.num_local else None)
+        return out_global, out_local
+    globals_ = [_dino_crop(img, spec.global_size, spec.global_scale,
+                           S.BLUR_P_GLOBAL1 if i == 0 else S.BLUR_P_GLOBAL2, 0.0 if i == 0 else S.SOLARIZE_P, spec)
+                for i in range(spec.num_global)]
+    out_global = fn.stack(*globals_) if len(globals_) > 1 else fn.expand_dims(globals_[0], axes=[0])
+    if not spec.num_local:
+        return out_global, None
+    locals_ = [_dino_crop(img, spec.local_size, spec.local_scale, S.BLUR_P_LOCAL, 0.0, spec)
+               for _ in range(spec.num_local)]
+    out_local = fn.stack(*locals_) if len(locals_) > 1 else fn.expand_dims(locals_[0], axes=[0])
+    return out_global, out_local
+
+
+def output_names(spec) -> list[str]:
+    if isinstance(spec, ImageTextSpec):
+        return ["image"] + (["caption", "caption_len"] if spec.captions else [])
+    if isinstance(spec, MultiCropSpec):
+        return ["global"] + (["local"] if spec.num_local else [])
+    raise TypeError(f"no DALI pipeline for data spec {spec!r}")
+
+
+def build_pipeline(spec, files: list[str], indexes: list[str], *, batch_size: int, num_threads: int, device: str,
+                   device_id: int | None, seed: int, shard_id: int = 0, num_shards: int = 1,
+                   shuffle_buffer: int = 1000, checkpoint: bytes | None = None, prefetch: int = 2,
+                   reader_only: bool = False):
+    """A built DALI pipeline over `files` (with their index files) producing output_names(spec), in order.
+
+    reader_only: no decoding, outputs the raw image bytes (padded) and each sample's source ("shard:offset:name");
+    with the same seed and sharding it reads exactly the samples the full pipeline reads (used to attribute a
+    decode failure). checkpoint: restore a state from Pipeline.checkpoint() of the same full pipeline.
+    """
+    require("nvidia.dali", "the DALI data backend")
+    from nvidia.dali import pipeline_def
+
+    fn, types = _fn()
+    captions = isinstance(spec, ImageTextSpec) and spec.captions
+    exts = [IMAGE_EXT, "txt"] if captions else [IMAGE_EXT]
+
+    conditionals = isinstance(spec, MultiCropSpec) and device == "gpu" and not reader_only
+    if isinstance(spec, MultiCropSpec) and device == "cpu" and not reader_only:
+        from fastenc.data.dali_numba import dali_op
+
+        dali_op()  # compile the numba kernel before defining the graph (once per process)
+
+    @pipeline_def(enable_checkpointing=True, enable_conditionals=conditionals)
+    def graph():
+        read = fn.readers.webdataset(paths=files, index_paths=indexes, ext=exts, missing_component_behavior="skip",
+                                     random_shuffle=shuffle_buffer > 1, initial_fill=max(int(shuffle_buffer), 1),
+                                     seed=seed, shard_id=shard_id, num_shards=num_shards, pad_last_batch=False,
+                                     name=READER)
+        encoded = read[0] if captions else read
+        if reader_only:
+            return fn.pad(encoded), encoded.shape(), fn.pad(fn.get_property(encoded, key="source_info"))
+        if isinstance(spec, ImageTextSpec):
+            image = image_text_graph(encoded, spec, device)
+            if not captions:
+                return image
+            text = read[1]
+            return image, fn.pad(text), text.shape()
+        glob, loc = multicrop_graph(encoded, spec, device)
+        return (glob, loc) if loc is not None else glob
+
+    pipe = graph(batch_size=batch_size, num_threads=max(1, int(num_threads)),
+                 device_id=device_id if device == "gpu" else None, seed=seed, prefetch_queue_depth=prefetch,
+                 checkpoint=checkpoint, exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output conversion
+
+
+def _to_torch(tl, device: torch.device) -> torch.Tensor:
+    """A dense DALI TensorList -> a torch tensor on `device`.
+
+    CPU: zero-copy. The pipelines run on DALI's dynamic executor (exec_dynamic=True), which allocates every
+    iteration's outputs anew and keeps them alive while referenced, so the tensor stays valid after later runs
+    (tests/data/test_dali.py holds batches across iterations to check it). GPU: copied into a torch CUDA tensor
+    on the current stream (DALI's feed_ndarray).
+    """
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    tensor = tl.as_tensor()
+    if device.type == "cpu" and not tl.__class__.__name__.endswith("GPU"):
+        return torch.from_numpy(np.asarray(tensor))
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    return out
+
+
+def _captions(padded: np.ndarray, lengths: np.ndarray, sources=None) -> tuple[list[str], int]:
+    """Rows of padded caption bytes -> stripped strings; (captions, number repaired: not UTF-8 or empty)."""
+    buf = padded.tobytes()
+    width = padded.shape[1] if padded.ndim == 2 else 0
+    out, repaired = [], 0
+    for i, n in enumerate(lengths.reshape(-1).tolist()):
+        raw = buf[i * width: i * width + n]
+        try:
+            text = raw.decode("utf-8").lstrip("\ufeff").strip()
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace").strip()
+            repaired += 1
+        if not text:
+            repaired += 1
+        out.append(text)
+    return out, repaired
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loader
+
+
+class DaliLoader:
+    """Infinite iterator of batch dicts {output keys..., "num_skipped"} over webdataset shards, through DALI.
+
+    Same contract as fastenc.data.loader.build_loader (the torch path): `finish(batch)` plays the role of the
+    collate (e.g. tokenizing captions, CaptionCollate.finish), and each batch carries num_skipped (samples skipped
+    since the previous batch). Adds exact resume (state_dict / load_state_dict) and `num_excluded` (samples the
+    index validation left out of this run's shards).
+    """
+
+    def __init__(self, shards, spec, *, batch_size: int, num_threads: int = 2, device: str = "auto",
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
+                 resampled: bool = True, index_dir: str | None = None, finish=None, work_dir: str | None = None,
+                 max_recoveries: int = 100, prefetch: int = 2, torch_device=None):
+        from fastenc.data.shards import expand_shards
+
+        require("nvidia.dali", "data.backend=dali")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.spec, self.batch_size, self.num_threads = spec, int(batch_size), int(num_threads)
+        self.device = resolve_device(device)
+        if torch_device is None:
+            torch_device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
+        self.torch_device = torch.device(torch_device)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.shuffle_buffer, self.resampled, self.prefetch = int(shuffle_buffer), bool(resampled), int(prefetch)
+        self.finish = finish
+        self.max_recoveries = int(max_recoveries)
+        self.names = output_names(spec)
+        self.captions = "caption" in self.names
+
+        urls = expand_shards(shards)
+        self.files, self.indexes, self.sizes = [], {}, {}
+        self.num_excluded = self.num_no_caption = 0
+        missing, empty = [], []
+        for url in urls:
+            ip = index_path_for(url, index_dir)
+            rep = read_report(url, ip)
+            if rep is None:
+                if not os.path.isfile(ip):
+                    missing.append(url)
+                    continue
+                n = _count_index(ip, captions=self.captions)  # an index from another tool (wds2idx): unvalidated
+            else:
+                n = rep.num_captioned if self.captions else rep.num_samples
+                self.num_excluded += len(rep.excluded)
+                self.num_no_caption += len(rep.no_caption) if self.captions else 0
+            if n == 0:
+                empty.append(url)
+                continue
+            self.files.append(url)
+            self.indexes[url], self.sizes[url] = ip, n
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise FileNotFoundError(
+                f"{len(missing)} shard(s) have no DALI index or a stale one: {shown}. Build them with `fastenc data "
+                f"index {os.path.dirname(missing[0]) or '.'}`" + (f" --index-dir {index_dir}" if index_dir else "")
+                + " (the trainer does this itself before training with data.backend=dali).")
+        if empty:
+            log.warning("skipping %d empty shard(s) (no usable samples): %s", len(empty), ", ".join(empty[:5]))
+        if not self.files:
+            raise ValueError(f"no usable samples in {len(urls)} shard(s) of {shards!r}"
+                             + (" (none has a caption)" if self.captions else ""))
+        self.num_empty_shards = len(empty)
+        # Per-rank copies of indexes rewritten by a recovery (never the shared ones).
+        self._work_dir = work_dir
+        self._overrides: dict[str, str] = {}
+        self._bad: dict[str, set] = {}
+        self.num_recoveries = 0
+        self._pending_skipped = 0
+        self._repaired_logged = 0
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._checkpoint: bytes | None = None
+        self._pipe = None
+        self._batches_per_epoch = 0
+
+    # ----- epochs -----
+    def signature(self) -> str:
+        """What must match for a saved position to apply: shards, spec, batch size, sharding, seed, shuffling."""
+        blob = json.dumps([self.files, repr(self.spec), self.batch_size, self.world_size, self.rank, self.seed,
+                           self.shuffle_buffer, self.resampled], default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def epoch_files(self, epoch: int) -> list[str]:
+        """The epoch's shard list, identical on every rank: a permutation, or a draw with replacement."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        if self.resampled:
+            return [rng.choice(self.files) for _ in self.files]
+        files = list(self.files)
+        rng.shuffle(files)
+        return files
+
+    def _index_of(self, url: str) -> str:
+        return self._overrides.get(url, self.indexes[url])
+
+    def _epoch_layout(self, epoch: int):
+        files = self.epoch_files(epoch)
+        total = sum(self._size(f) for f in files)
+        parts = [total * (i + 1) // self.world_size - total * i // self.world_size for i in range(self.world_size)]
+        return files, min(parts) // self.batch_size
+
+    def _size(self, url: str) -> int:
+        return self.sizes[url] - len(self._bad.get(url, ()))
+
+    def _pipe_seed(self, epoch: int) -> int:
+        return (self.seed * 1_000_003 + epoch * 7919 + self.rank) & 0x7FFFFFFF
+
+    def _build(self, epoch: int, checkpoint: bytes | None = None, reader_only: bool = False, prefetch=None):
+        files, batches = self._epoch_layout(epoch)
+        if batches == 0 and not reader_only:
+            raise ValueError(f"an epoch of {sum(self._size(f) for f in files)} samples over {self.world_size} rank(s) "
+                             f"holds no full batch of {self.batch_size}: use more shards or a smaller batch")
+        device_id = self.torch_device.index if self.device == "gpu" else None
+        pipe = build_pipeline(self.spec, files, [self._index_of(f) for f in files], batch_size=self.batch_size,
+                              num_threads=self.num_threads, device=self.device, device_id=device_id,
+                              seed=self._pipe_seed(epoch), shard_id=self.rank, num_shards=self.world_size,
+                              shuffle_buffer=self.shuffle_buffer, checkpoint=checkpoint,
+                              prefetch=self.prefetch if prefetch is None else prefetch, reader_only=reader_only)
+        return pipe, batches
+
+    def _start_epoch(self, epoch: int, checkpoint: bytes | None = None, batch_in_epoch: int = 0):
+        self._pipe = None
+        self._pipe, self._batches_per_epoch = self._build(epoch, checkpoint)
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self._checkpoint = checkpoint if checkpoint is not None else self._pipe.checkpoint()
+
+    # ----- iteration -----
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._pipe is None:
+            self._start_epoch(self.epoch, self._checkpoint, self.batch_in_epoch)
+        if self.batch_in_epoch >= self._batches_per_epoch:
+            self._start_epoch(self.epoch + 1)
+        try:
+            outs = self._pipe.run()
+        except RuntimeError as e:
+            if not _is_decode_error(e):
+                raise
+            self._recover(e)
+            return next(self)
+        self.batch_in_epoch += 1
+        self._checkpoint = self._pipe.checkpoint()
+        batch = self._convert(outs)
+        batch["num_skipped"] = torch.tensor(self._pending_skipped, dtype=torch.int64)
+        self._pending_skipped = 0
+        return self.finish(batch) if self.finish is not None else batch
+
+    def _convert(self, outs) -> dict:
+        batch = {}
+        named = dict(zip(self.names, outs))
+        for name in ("image", "global", "local"):
+            if name in named:
+                batch[name] = _to_torch(named[name], self.torch_device)
+        if self.captions:
+            padded = np.asarray(named["caption"].as_tensor())
+            lengths = np.asarray(named["caption_len"].as_tensor())
+            batch["caption"], repaired = _captions(padded, lengths)
+            if repaired:
+                self._repaired_logged += repaired
+                if self._repaired_logged <= _NUM_LOGGED:
+                    log.warning("%d caption(s) in this batch were not UTF-8 or empty and were decoded with "
+                                "replacement characters; index the shards with `fastenc data index` (validation "
+                                "leaves such captions out)", repaired)
+        return batch
+
+    # ----- resume -----
+    def state_dict(self) -> dict:
+        """Position after the last delivered batch (JSON-serializable)."""
+        return {"backend": "dali", "signature": self.signature(), "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "checkpoint": base64.b64encode(self._checkpoint).decode() if self._checkpoint else None,
+                "bad": {k: sorted(v) for k, v in self._bad.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the batch the state was saved at (a mismatching state is refused, loudly)."""
+        if not state or state.get("backend") != "dali":
+            raise ValueError("not a DALI loader state")
+        if state.get("signature") != self.signature():
+            raise ValueError("the saved data position belongs to other shards, spec, batch size, world size, rank or "
+                             "seed; it cannot be restored")
+        for url, names in state.get("bad", {}).items():
+            if url in self.indexes:
+                self._bad[url] = set(names)
+                self._write_override(url)
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        cp = state.get("checkpoint")
+        self._checkpoint = base64.b64decode(cp) if cp else None
+        self._pipe = None
+
+    # ----- recovery -----
+    def _recover(self, error: RuntimeError) -> None:
+        """A batch failed to decode: find the culprits, leave them out of this rank's indexes, rebuild."""
+        self._pipe = None
+        self.num_recoveries += 1
+        if self.num_recoveries > self.max_recoveries:
+            raise RuntimeError(
+                f"DALI failed to decode {self.num_recoveries} batches in this run; the shards hold more corrupt "
+                f"images than a recovery path should absorb. Validate them: `fastenc data index --force DIR` "
+                f"(left-out samples are listed in the .idx.json reports). Last error: {_first_line(error)}") from error
+        bad = self._find_bad_samples()
+        if not bad:
+            raise RuntimeError(f"DALI failed on a batch but no sample of it could be attributed: {error}") from error
+        for url, names in bad.items():
+            self._bad.setdefault(url, set()).update(names)
+            self._write_override(url)
+        count = sum(len(v) for v in bad.values())
+        self._pending_skipped += count
+        listed = "; ".join(f"{u}: {', '.join(sorted(n)[:3])}" for u, n in bad.items())
+        log.warning("DALI could not decode a batch (%s); skipping %d sample(s) (%s) and rebuilding the pipeline at "
+                    "the last delivered batch", _first_line(error), count, listed)
+        self._pipe, self._batches_per_epoch = self._build(self.epoch, self._checkpoint)
+
+    def _find_bad_samples(self) -> dict[str, set]:
+        """Replay this epoch's reads up to the failing batches with a reader-only pipeline; decode them with Pillow."""
+        pipe, _ = self._build(self.epoch, reader_only=True, prefetch=1)
+        suspects: list[tuple[str, bytes]] = []
+        for i in range(self.batch_in_epoch + self.prefetch):
+            raw, lengths, sources = pipe.run()
+            if i < self.batch_in_epoch:
+                continue
+            for j in range(len(sources)):
+                source = bytes(np.asarray(sources[j])).rstrip(b"\0").decode()
+                n = int(np.asarray(lengths[j]).reshape(-1)[0])
+                suspects.append((source, bytes(np.asarray(raw[j])[:n])))
+        del pipe
+        bad: dict[str, set] = {}
+        for source, data in suspects:
+            try:
+                decode_image(data)
+            except CorruptSample:
+                url, name = _parse_source(source)
+                bad.setdefault(url, set()).add(name)
+        if not bad:  # Pillow decodes them all: DALI rejects one of them; give up the failing batches entirely
+            for source, _ in suspects:
+                url, name = _parse_source(source)
+                bad.setdefault(url, set()).add(name)
+        return {self._canonical(u): n for u, n in bad.items()}
+
+    def _canonical(self, url: str) -> str:
+        if url in self.indexes:
+            return url
+        for f in self.indexes:
+            if os.path.abspath(f) == os.path.abspath(url):
+                return f
+        return url
+
+    def _write_override(self, url: str) -> None:
+        """This rank's copy of `url`'s index without the bad samples (the shared index is never modified)."""
+        if self._work_dir is None:
+            self._work_dir = tempfile.mkdtemp(prefix="fastenc-dali-")
+        os.makedirs(self._work_dir, exist_ok=True)
+        names = self._bad[url]
+        with open(self.indexes[url]) as f:
+            lines = f.read().splitlines()[1:]
+        keep = [ln for ln in lines if not any(part in names for part in ln.split()[3::4])]
+        digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+        path = os.path.join(self._work_dir, f"rank{self.rank}-{digest}.idx")
+        with open(path, "w") as f:
+            f.write(f"v1.2 {len(keep)}\n" + "".join(ln + "\n" for ln in keep))
+        self._overrides[url] = path
+
+
+def _parse_source(source: str) -> tuple[str, str]:
+    """'path/shard.tar:offset:member' -> (path, member)."""
+    head, _, name = source.rpartition(":")
+    url, _, _ = head.rpartition(":")
+    return url, name
+
+
+def _is_decode_error(error: BaseException) -> bool:
+    """A failure of a decoder operator (bad data), as opposed to a pipeline or configuration error."""
+    return "fn.decoders." in str(error)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "decode" in ln.lower() or "failure" in ln.lower()), lines[0] if lines else "")
+    return detail[:300]
+
+
+def _count_index(path: str, *, captions: bool) -> int:
+    """Samples of an index file written by another tool (captions: only lines that list a .txt)."""
+    with open(path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or not header[0].startswith("v1"):
+            raise ValueError(f"{path} is not a DALI webdataset index (header {' '.join(header)!r})")
+        if not captions:
+            return int(header[1])
+        return sum(1 for ln in f if "txt" in ln.split()[0::4])
+
