@@ -84,12 +84,23 @@ class DataConfig:
     """Webdataset shards: directory, brace pattern (shard-{00000..00099}.tar), glob, or comma-separated list."""
     batch_size: int = 256
     """Global batch size (all ranks, all accumulation micro-steps). Kept fixed across world sizes."""
+    backend: Literal["auto", "dali", "torch"] = "auto"
+    """Decoding and augmentation: dali (NVIDIA DALI: GPU decode where there is a GPU, DALI's CPU backend where not),
+    torch (PIL + torchvision in DataLoader workers, the reference), or auto (dali when importable, else torch with
+    one warning). Both produce the same batch keys and augmentation semantics (tests/data/test_dali.py)."""
+    dali_device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where DALI decodes and augments: gpu (mixed decode on this rank's GPU), cpu, or auto (gpu when CUDA is
+    available)."""
+    index_dir: str = ""
+    """Where the DALI index files (<shard stem>.idx + .idx.json) live; empty: next to the shards. Missing or stale
+    ones are built (and validated) by rank 0 before training."""
     num_workers: int = 2
-    """DataLoader worker processes per rank."""
+    """Per rank: DataLoader worker processes (torch) or DALI threads (dali); the same thread budget either way."""
     shuffle_buffer: int = 1000
     """Samples held in each worker's shuffle buffer."""
     resampled: bool = True
-    """Draw shards with replacement (infinite stream, no epoch bookkeeping), as open_clip does at scale."""
+    """Draw shards with replacement (as open_clip does at scale): torch, an infinite stream per worker; dali, each
+    epoch is len(shards) shards drawn with replacement. False: each epoch is a permutation of the shards."""
     synth: SynthConfig = field(default_factory=SynthConfig)
     """Synthetic data generated on first use (CPU recipes and tests)."""
 

@@ -37,7 +37,10 @@ class CaptionCollate:
         self.multiple_of = multiple_of
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = stack_samples(samples)
+        return self.finish(stack_samples(samples))
+
+    def finish(self, batch: dict) -> dict:
+        """The per-batch part alone, for batches that arrive already stacked (the DALI path)."""
         captions = batch.pop("caption")
         batch["text"] = self.tokenizer(captions, pad_to_longest=self.pad_to_longest, multiple_of=self.multiple_of)
         return batch

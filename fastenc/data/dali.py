@@ -332,6 +332,8 @@ class DaliLoader:
     index validation left out of this run's shards).
     """
 
+    backend = "dali"
+
     def __init__(self, shards, spec, *, batch_size: int, num_threads: int = 2, device: str = "auto",
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                  resampled: bool = True, index_dir: str | None = None, finish=None, work_dir: str | None = None,
@@ -345,9 +347,12 @@ class DaliLoader:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.spec, self.batch_size, self.num_threads = spec, int(batch_size), int(num_threads)
         self.device = resolve_device(device)
-        if torch_device is None:
-            torch_device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
-        self.torch_device = torch.device(torch_device)
+        if self.device == "gpu":  # batches arrive on this CUDA device; a CPU pipeline's stay on the host
+            torch_device = torch.device(torch_device) if torch_device is not None else torch.device(
+                "cuda", torch.cuda.current_device())
+            if torch_device.type != "cuda":
+                raise ValueError(f"DALI device gpu delivers CUDA tensors, but torch_device is {torch_device}")
+        self.torch_device = torch_device if self.device == "gpu" else torch.device("cpu")
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shuffle_buffer, self.resampled, self.prefetch = int(shuffle_buffer), bool(resampled), int(prefetch)
         self.finish = finish
@@ -372,7 +377,7 @@ class DaliLoader:
                 self.num_excluded += len(rep.excluded)
                 self.num_no_caption += len(rep.no_caption) if self.captions else 0
             if n == 0:
-                empty.append(url)
+                empty.append(f"{url} ({rep.error})" if rep is not None and rep.error else url)
                 continue
             self.files.append(url)
             self.indexes[url], self.sizes[url] = ip, n
@@ -383,7 +388,8 @@ class DaliLoader:
                 f"index {os.path.dirname(missing[0]) or '.'}`" + (f" --index-dir {index_dir}" if index_dir else "")
                 + " (the trainer does this itself before training with data.backend=dali).")
         if empty:
-            log.warning("skipping %d empty shard(s) (no usable samples): %s", len(empty), ", ".join(empty[:5]))
+            log.warning("skipping %d shard(s) with no usable samples (empty or unreadable): %s", len(empty),
+                        ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
         if not self.files:
             raise ValueError(f"no usable samples in {len(urls)} shard(s) of {shards!r}"
                              + (" (none has a caption)" if self.captions else ""))

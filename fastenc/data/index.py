@@ -69,6 +69,8 @@ class ShardIndex:
     shard_bytes: int = 0
     shard_mtime: float = 0.0
     validated: bool = True
+    error: str = ""
+    """Why the shard could not be read at all (its index is then empty), else empty."""
     excluded: list = field(default_factory=list)
     """[{"key", "reason"}] samples left out (no usable image)."""
     no_caption: list = field(default_factory=list)
@@ -135,16 +137,19 @@ def _iter_samples(shard: str):
         yield key, members
 
 
-def build_index(shard: str, index_path: str | None = None, *, validate: bool = True) -> ShardIndex:
+def build_index(shard: str, index_path: str | None = None, *, validate: bool = True,
+                assume_valid: bool = False) -> ShardIndex:
     """Validate `shard` and write its DALI index (only usable samples) and report; returns the report.
 
-    A shard that is not a readable plain tar raises CorruptSample with the reason; an empty shard gets an empty
-    index (the loaders skip it and say so).
+    assume_valid: the writer of the shard already decoded every image (`fastenc data ingest`, synthetic data): do
+    only the quick checks, and record the index as validated. A shard that is not a readable plain tar raises
+    CorruptSample with the reason; an empty shard gets an empty index (the loaders skip it and say so).
     """
     index_path = index_path or index_path_for(shard)
     stat = os.stat(shard)
     rep = ShardIndex(shard=os.path.abspath(shard), index=os.path.abspath(index_path), shard_bytes=stat.st_size,
-                     shard_mtime=stat.st_mtime, validated=validate)
+                     shard_mtime=stat.st_mtime, validated=validate or assume_valid)
+    validate = validate and not assume_valid
     lines = []
     try:
         for key, members in _iter_samples(shard):
@@ -210,13 +215,21 @@ def _build_one(args):
     try:
         return build_index(shard, index_path, validate=validate), None
     except CorruptSample as e:
-        return None, str(e)
+        # An empty index with the reason: loaders skip the shard (and say why) until the shard file changes.
+        stat = os.stat(shard)
+        rep = ShardIndex(shard=os.path.abspath(shard), index=os.path.abspath(index_path), shard_bytes=stat.st_size,
+                         shard_mtime=stat.st_mtime, validated=validate, error=str(e))
+        os.makedirs(os.path.dirname(os.path.abspath(index_path)), exist_ok=True)
+        _atomic_write(index_path, f"{INDEX_VERSION} 0\n")
+        _atomic_write(report_path_for(index_path), json.dumps(rep.to_json(), indent=1) + "\n")
+        return rep, str(e)
 
 
 def ensure_indexes(shards: list[str], *, index_dir: str | None = None, validate: bool = True, force: bool = False,
                    workers: int = 0, progress: bool = True) -> tuple[list[ShardIndex], list[tuple[str, str]]]:
     """Index every shard that lacks a current index (all of them with force): (reports in shard order, unreadable
-    shards as (shard, reason)). workers > 1 indexes shards in parallel processes."""
+    shards as (shard, reason)). An unreadable shard gets an empty index whose report holds the reason (so loaders
+    skip it, and say why, until the shard changes). workers > 1 indexes shards in parallel processes."""
     todo, reports = [], {}
     for s in shards:
         ip = index_path_for(s, index_dir)
@@ -225,7 +238,6 @@ def ensure_indexes(shards: list[str], *, index_dir: str | None = None, validate:
             reports[s] = rep
         else:
             todo.append((s, ip, validate))
-    failed = []
     if todo:
         from tqdm import tqdm
 
@@ -238,11 +250,9 @@ def ensure_indexes(shards: list[str], *, index_dir: str | None = None, validate:
         else:
             results = [_build_one(t) for t in tqdm(todo, desc="index", unit="shard", disable=not progress)]
         for (s, _, _), (rep, err) in zip(todo, results):
-            if rep is not None:
-                reports[s] = rep
-            else:
-                failed.append((s, err))
-    return [reports[s] for s in shards if s in reports], failed
+            reports[s] = rep
+    failed = [(s, reports[s].error) for s in shards if reports[s].error]
+    return [reports[s] for s in shards], failed
 
 
 def summarize(reports: list[ShardIndex], failed: list[tuple[str, str]] = ()) -> dict:
@@ -253,7 +263,7 @@ def summarize(reports: list[ShardIndex], failed: list[tuple[str, str]] = ()) -> 
     no_caption = Counter(_reason_kind(e["reason"]) for r in reports for e in r.no_caption)
     return {
         "num_shards": len(reports),
-        "num_empty_shards": sum(r.empty for r in reports),
+        "num_empty_shards": sum(r.empty and not r.error for r in reports),
         "num_unreadable_shards": len(failed),
         "num_samples": sum(r.num_samples for r in reports),
         "num_captioned": sum(r.num_captioned for r in reports),

@@ -19,6 +19,8 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fastenc.data.index import build_index, index_path_for, report_path_for
+
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("circle", "square", "triangle", "star", "cross", "hexagon", "ring", "heart", "crescent", "arrow")
@@ -224,6 +226,8 @@ def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, s
                            samples_per_shard: int = 1000, progress: bool = True) -> dict:
     """Write `num_samples` synthetic samples as webdataset shards out_dir/shard-00000.tar, ... plus manifest.json.
 
+    Each shard gets its DALI index (shard-00000.idx and its .idx.json report, fastenc.data.index).
+
     Each shard is written to a .tmp file and renamed when complete, and manifest.json is written last, so an
     interrupted run never leaves a truncated shard under a final name. Returns the manifest.
     """
@@ -256,6 +260,8 @@ def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, s
                 _add_file(tar, f"{key}.json", json.dumps({"key": key, **attrs}).encode("utf-8"))
                 bar.update(1)
         _write_atomic(os.path.join(out_dir, name), buf.getvalue())
+        # The DALI index, next to the shard (the images were just encoded here: no need to decode them again).
+        build_index(os.path.join(out_dir, name), assume_valid=True)
     bar.close()
 
     manifest = {
@@ -283,4 +289,8 @@ def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:
     for name in old.get("shards", []):
         if name not in keep and os.path.basename(name) == name and os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+            for idx in (index_path_for(os.path.join(out_dir, name)),):
+                for path in (idx, report_path_for(idx)):
+                    if os.path.exists(path):
+                        os.remove(path)
             log.info("removed stale shard %s from an earlier synth run", name)

@@ -49,9 +49,11 @@ EXTRA_STATE = "objective_extra.safetensors"
 
 
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_main: bool, keep: int = 2,
-                    extra_state: dict[str, torch.Tensor] | None = None) -> str:
+                    extra_state: dict[str, torch.Tensor] | None = None, data_state: dict | None = None,
+                    rank: int = 0) -> str:
     """Save under a temporary tag, rename, then point `latest` at it. extra_state: the objective's tensors that
-    DeepSpeed does not manage (e.g. DINO's teacher and center), written by rank 0 as safetensors inside the tag."""
+    DeepSpeed does not manage (e.g. DINO's teacher and center), written by rank 0 as safetensors inside the tag.
+    data_state: this rank's data-stream position (JSON), written by every rank as data/rank{rank}.json."""
     tag = _tag(step)
     tmp_tag = f".tmp-{tag}"
     if is_main:
@@ -61,6 +63,9 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
     if is_main and extra_state:
         save_safetensors(extra_state, os.path.join(ckpt_dir, tmp_tag, EXTRA_STATE), {"format": "pt"})
+    if data_state is not None:
+        os.makedirs(os.path.join(ckpt_dir, tmp_tag, "data"), exist_ok=True)
+        atomic_write_text(os.path.join(ckpt_dir, tmp_tag, "data", f"rank{rank}.json"), json.dumps(data_state))
     barrier()  # every rank's shards are on disk
     if is_main:
         final = os.path.join(ckpt_dir, tag)
@@ -93,6 +98,16 @@ def load_checkpoint(engine, ckpt_dir: str, objective=None) -> dict | None:
                                "objective needs (teacher / center): was it written by another objective?")
         objective.load_extra_state(load_file(extra))
     return client_state
+
+
+def load_data_state(ckpt_dir: str, rank: int) -> dict | None:
+    """This rank's data-stream position in the latest checkpoint (None if it holds none for this rank)."""
+    tag = latest_tag(ckpt_dir)
+    path = os.path.join(ckpt_dir, tag, "data", f"rank{rank}.json") if tag else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def fp32_state_dict(engine) -> dict[str, torch.Tensor]:

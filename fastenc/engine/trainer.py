@@ -22,6 +22,7 @@ from fastenc.engine.checkpoint import (
     export_from_state_dict,
     fp32_state_dict,
     load_checkpoint,
+    load_data_state,
     save_checkpoint,
 )
 from fastenc.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
@@ -74,8 +75,20 @@ def prepare_data(cfg: Config, dist: DistInfo) -> None:
                 write_synthetic_shards(out, cfg.data.synth.num_samples, image_size=cfg.data.synth.image_size,
                                        seed=cfg.run.seed, samples_per_shard=cfg.data.synth.samples_per_shard)
         expand_shards(cfg.data.train_shards)  # clear error now rather than inside a worker
+        from fastenc.data.stream import prepare_indexes
+
+        prepare_indexes(cfg)  # DALI index files, validated (data.backend=dali)
         get_objective(cfg.objective.name).prepare(cfg)
     barrier()
+
+
+def _describe_stream(stream) -> str:
+    if stream.backend == "dali":
+        text = f"dali-{stream.device} ({stream.num_threads} threads)"
+        if stream.num_excluded:
+            text += f", {stream.num_excluded} corrupt samples left out by index validation"
+        return text
+    return "torch (PIL + torchvision workers)"
 
 
 def _to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
@@ -94,7 +107,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
     """Train `cfg` to cfg.schedule.steps (or stop after `max_steps` more steps, for tests and benchmarks)."""
     import deepspeed
 
-    from fastenc.data.loader import build_loader
+    from fastenc.data.stream import build_train_stream
     from fastenc.objectives import build_objective
 
     dist = init_distributed(local_rank)
@@ -131,36 +144,25 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
     float_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
     start_step, samples_seen, skipped_total = 0, 0, 0
+    data_state = None
     if resume:
         state = load_checkpoint(engine, ckpt_dir, module)
         if state is not None:
             start_step, samples_seen = state["step"], state["samples_seen"]
             skipped_total = state.get("num_skipped", 0)
+            data_state = load_data_state(ckpt_dir, dist.rank)
             if dist.is_main and state.get("config_hash") != config_hash(cfg):
                 log.warning("resuming with a config that differs from the checkpoint's (see config.yaml history)")
         elif dist.is_main:
             log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
 
-    def make_batches(epoch: int):
-        # Resampled shards: the stream is re-seeded from the resume step (no sample order is replayed exactly).
-        # Finite streams (data.resampled=false) advance `epoch` at each pass for a new shard/shuffle order.
-        return iter(build_loader(cfg.data.train_shards, sample_fn=module.sample_fn(train=True),
-                                 collate_fn=module.collate_fn(train=True), batch_size=micro,
-                                 num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                 resampled=cfg.data.resampled, seed=cfg.run.seed, rank=dist.rank,
-                                 world_size=dist.world_size, epoch=epoch))
-
-    epoch = start_step
-    batches = make_batches(epoch)
-
-    def next_batch():
-        nonlocal batches, epoch
+    stream = build_train_stream(cfg, module, batch_size=micro, dist=dist, start_step=start_step, run_dir=run_dir)
+    if data_state is not None:
         try:
-            return next(batches)
-        except StopIteration:
-            epoch += 1
-            batches = make_batches(epoch)
-            return next(batches)
+            stream.load_state_dict(data_state)
+        except ValueError as e:  # another data setup than the checkpoint's: say so, start the stream afresh
+            log.warning("rank %d: data position not restored (%s); the data stream starts afresh", dist.rank, e)
+    next_batch = stream.__next__
 
     end_step = cfg.schedule.steps if max_steps is None else min(cfg.schedule.steps, start_step + max_steps)
     logger = MetricsLogger(run_dir, enabled=dist.is_main, total_steps=cfg.schedule.steps, start_step=start_step,
@@ -168,8 +170,8 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
     if dist.is_main:
         logger.message(f"fastenc: {cfg.objective.name} on {cfg.model.name}, world {dist.world_size}, "
                        f"global batch {cfg.data.batch_size} = {micro} x {accum} accum x {dist.world_size} ranks, "
-                       f"ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision}, device {dist.device.type}; "
-                       f"run dir {run_dir}")
+                       f"ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision}, device {dist.device.type}, "
+                       f"data {_describe_stream(stream)}; run dir {run_dir}")
 
     sync = cfg.engine.detailed_timing and dist.device.type == "cuda"
     acc: dict[str, torch.Tensor] = {}
@@ -230,6 +232,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
                 backward_time=t_bwd / interval_steps,
                 optim_step_time=t_step / interval_steps,
                 num_skipped=skipped_total,
+                num_excluded=stream.num_excluded,
             )
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
@@ -243,7 +246,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
                             {"step": done, "samples_seen": samples_seen, "num_skipped": skipped_total,
                              "config_hash": config_hash(cfg)},
                             is_main=dist.is_main, keep=cfg.engine.keep_checkpoints,
-                            extra_state=module.extra_state())
+                            extra_state=module.extra_state(), data_state=stream.state_dict(), rank=dist.rank)
     logger.close()
 
     export_paths: dict = {}

@@ -3,8 +3,10 @@
 The trainer calls, in this order and nothing else:
     Objective.prepare(cfg)            once, on local rank 0, before any rank builds the module (tokenizers, ...)
     obj = Objective(cfg)              on every rank
-    obj.sample_fn(train=True)         per-sample decode/augment callable run in DataLoader workers
-    obj.collate_fn(train=True)        list of samples -> batch dict, also in the workers (stacking, tokenizing)
+    obj.data_spec(train=True)         what a sample is (fastenc.data.spec): both data backends build their pipelines
+                                      from it (DALI; torch, whose per-sample callable is obj.sample_fn)
+    obj.collate_fn(train=True)        list of samples -> batch dict (stacking, tokenizing); its .finish(batch), when
+                                      present, does the per-batch part for already-stacked DALI batches
     obj.on_step_start(step)           before the step's micro-batches (step-dependent schedules)
     loss, metrics = obj(batch)        batch: dict of tensors on the device (see each objective for keys)
     obj.on_step_end(step)             after each optimizer step (EMA teachers, centers, ...)
@@ -52,8 +54,15 @@ class Objective(nn.Module):
     def prepare(cls, cfg) -> None:
         """One-time preparation of on-disk assets (runs on local rank 0 before construction)."""
 
-    def sample_fn(self, train: bool = True) -> Callable:
+    def data_spec(self, train: bool = True):
+        """The sample description (ImageTextSpec, MultiCropSpec, ...) both data backends build from."""
         raise NotImplementedError
+
+    def sample_fn(self, train: bool = True) -> Callable:
+        """The torch path's per-sample callable, built from data_spec."""
+        from fastenc.data.transforms import torch_sample_fn
+
+        return torch_sample_fn(self.data_spec(train))
 
     def collate_fn(self, train: bool = True) -> Callable:
         """Picklable callable turning sample_fn outputs into a batch dict; default stacks every tensor key."""

@@ -2,7 +2,7 @@
 
 Student = the shared encoder (`self.encoder`, drop-path from `model.drop_path_rate`) + DINOHead; teacher = the
 same architecture without drop-path, an EMA of the student, never trained by the optimizer. Batch keys:
-"global" [B, G, 3, S, S] and (with local crops) "local" [B, N, 3, s, s], from MultiCropSample.
+"global" [B, G, 3, S, S] and (with local crops) "local" [B, N, 3, s, s] (fastenc.data.spec.MultiCropSpec).
 
 Per step: one student backbone pass per crop resolution (global crops, then local crops), one student head pass
 over all C = G + N crops; one teacher pass over the G global crops (no grad); dino_loss; after the optimizer
@@ -150,14 +150,13 @@ class DINOObjective(Objective):
         return 1.0 - (1.0 - m0) * (math.cos(math.pi * step / total) + 1) / 2
 
     # ----- data -----
-    def sample_fn(self, train: bool = True):
-        from fastenc.data.transforms import MultiCropSample, multicrop_transforms
+    def data_spec(self, train: bool = True):
+        from fastenc.data.spec import MultiCropSpec
 
         o = self.cfg.objective
-        globals_, local = multicrop_transforms(self.image_size, o.local_crop_size, num_global=o.num_global_crops,
-                                               global_scale=o.global_crop_scale, local_scale=o.local_crop_scale,
-                                               blur_radius=o.blur_radius)
-        return MultiCropSample(globals_, local, o.local_crops)
+        return MultiCropSpec(global_size=self.image_size, local_size=o.local_crop_size, num_global=o.num_global_crops,
+                             num_local=o.local_crops, global_scale=tuple(o.global_crop_scale),
+                             local_scale=tuple(o.local_crop_scale), blur_radius=tuple(o.blur_radius))
 
     # ----- training -----
     def on_step_start(self, step: int) -> None:

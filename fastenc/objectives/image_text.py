@@ -115,11 +115,10 @@ class ImageTextObjective(Objective):
         if self.uses_bias:
             self.logit_bias = nn.Parameter(torch.full((1,), float(ocfg.init_logit_bias)))
 
-    def sample_fn(self, train: bool = True):
-        from fastenc.data.transforms import CaptionSample, image_transform
+    def data_spec(self, train: bool = True):
+        from fastenc.data.spec import ImageTextSpec
 
-        tf = image_transform(self.image_size, train=train, scale=tuple(self.cfg.objective.crop_scale))
-        return CaptionSample(tf)
+        return ImageTextSpec(self.image_size, train=train, crop_scale=tuple(self.cfg.objective.crop_scale))
 
     def collate_fn(self, train: bool = True):
         from fastenc.data.collate import CaptionCollate

@@ -1,0 +1,129 @@
+"""The trainer's data stream: one interface over the DALI and torch backends.
+
+    stream = build_train_stream(cfg, objective, batch_size=micro, dist=dist, start_step=step)
+    batch = next(stream)              # {objective's keys..., "num_skipped"}
+    stream.state_dict() / load_state_dict(state)   # per-rank position, saved with each checkpoint
+
+Resume. dali: exact (DALI's own pipeline checkpoint: the stream continues with the batch the interrupted run would
+have produced next). torch: statistical; the worker streams are re-seeded from the resume step (resampled shards),
+so the continued stream neither replays the old order nor tracks which samples were seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastenc.utils.optional import MissingDependency, is_available, require, warn_once
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'dali' when nvidia.dali (and numba, for its CPU multi-crop kernel) import, else 'torch'."""
+    if backend == "torch":
+        return "torch"
+    missing = [m for m in ("nvidia.dali", "numba") if not is_available(m)]
+    if backend == "dali":
+        if missing:
+            require(missing[0], "data.backend=dali")
+        return "dali"
+    if backend != "auto":
+        raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
+    if missing:
+        warn_once("data-backend-auto", f"data.backend=auto: {', '.join(missing)} not installed, using the torch data "
+                  "path (PIL + torchvision). Install them (`pip install nvidia-dali-cuda130 numba`, or `make setup`) "
+                  "for DALI decoding.")
+        return "torch"
+    return "dali"
+
+
+class TorchStream:
+    """fastenc.data.loader.build_loader as an endless stream: a finite pass (resampled=False) starts the next
+    epoch with a new shard order."""
+
+    backend = "torch"
+    num_excluded = 0
+
+    def __init__(self, shards, *, sample_fn, collate_fn, batch_size: int, num_workers: int, shuffle_buffer: int,
+                 resampled: bool, seed: int, rank: int, world_size: int, epoch: int = 0):
+        self._kw = dict(sample_fn=sample_fn, collate_fn=collate_fn, batch_size=batch_size, num_workers=num_workers,
+                        shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed, rank=rank,
+                        world_size=world_size)
+        self.shards, self.epoch = shards, int(epoch)
+        self._it = None
+
+    def _start(self):
+        from fastenc.data.loader import build_loader
+
+        self._it = iter(build_loader(self.shards, epoch=self.epoch, **self._kw))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._start()
+            return next(self._it)
+
+    def state_dict(self) -> dict:
+        return {"backend": "torch", "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The torch path does not restore positions (see the module docstring); the epoch counter is kept."""
+        if state and state.get("backend") == "torch":
+            self.epoch = int(state.get("epoch", self.epoch))
+            self._it = None
+
+
+def build_train_stream(cfg, objective, *, batch_size: int, dist, start_step: int = 0, run_dir: str | None = None):
+    """The training stream of `objective` over cfg.data, for this rank."""
+    backend = resolve_backend(cfg.data.backend)
+    collate = objective.collate_fn(train=True)
+    if backend == "dali":
+        from fastenc.data.dali import DaliLoader
+
+        return DaliLoader(cfg.data.train_shards, objective.data_spec(train=True), batch_size=batch_size,
+                          num_threads=max(1, cfg.data.num_workers), device=cfg.data.dali_device, seed=cfg.run.seed,
+                          rank=dist.rank, world_size=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer,
+                          resampled=cfg.data.resampled, index_dir=cfg.data.index_dir or None,
+                          finish=getattr(collate, "finish", None), torch_device=dist.device,
+                          work_dir=os.path.join(run_dir, "data", f"rank{dist.rank}") if run_dir else None)
+    # Resampled shards: the stream is re-seeded from the resume step (no sample order is replayed exactly).
+    return TorchStream(cfg.data.train_shards, sample_fn=objective.sample_fn(train=True), collate_fn=collate,
+                       batch_size=batch_size, num_workers=cfg.data.num_workers,
+                       shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, seed=cfg.run.seed,
+                       rank=dist.rank, world_size=dist.world_size, epoch=start_step)
+
+
+def prepare_indexes(cfg) -> dict | None:
+    """For data.backend=dali: build missing or stale DALI index files (validating every sample) and return the
+    summary of what the indexes hold (fastenc.data.index.summarize); None for the torch backend."""
+    if resolve_backend(cfg.data.backend) != "dali":
+        return None
+    from fastenc.data.index import ensure_indexes, summarize
+    from fastenc.data.shards import expand_shards
+
+    shards = expand_shards(cfg.data.train_shards)
+    try:
+        reports, failed = ensure_indexes(shards, index_dir=cfg.data.index_dir or None, validate=True)
+    except PermissionError as e:
+        raise PermissionError(f"cannot write DALI index files next to the shards ({e}); set data.index_dir to a "
+                              "writable folder") from e
+    summary = summarize(reports, failed)
+    if failed:
+        log.warning("%d shard(s) cannot be read and are left out: %s", len(failed),
+                    "; ".join(f"{s}: {why}" for s, why in failed[:3]))
+    if summary["num_excluded"]:
+        log.warning("index validation left out %d sample(s) with unusable images (%s); the .idx.json reports next "
+                    "to the indexes list them", summary["num_excluded"],
+                    ", ".join(f"{k}: {v}" for k, v in summary["excluded_reasons"].items()))
+    return summary
+
+
+__all__ = ["MissingDependency", "TorchStream", "build_train_stream", "prepare_indexes", "resolve_backend"]
