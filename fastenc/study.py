@@ -29,7 +29,7 @@ from fastenc.config import Config, ConfigError, load_config
 
 # Dotted keys (or section prefixes ending in ".") that never change the trained weights.
 NOT_TRAINING = (
-    "run.name", "run.output_dir",
+    "run.name", "run.output_dir", "data.index_dir",
     "engine.zero_stage", "engine.micro_batch_size", "engine.compile", "engine.log_every", "engine.checkpoint_every",
     "engine.keep_checkpoints", "engine.tensorboard", "engine.detailed_timing",
 )

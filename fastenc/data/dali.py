@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from fastenc.data import spec as S
-from fastenc.data.index import index_path_for, read_report
+from fastenc.data.index import index_path_for, read_report, report_path_for
 from fastenc.data.spec import ImageTextSpec, MultiCropSpec
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_image
 from fastenc.utils.optional import is_available, require
@@ -328,8 +328,9 @@ class DaliLoader:
 
     Same contract as fastenc.data.loader.build_loader (the torch path): `finish(batch)` plays the role of the
     collate (e.g. tokenizing captions, CaptionCollate.finish), and each batch carries num_skipped (samples skipped
-    since the previous batch). Adds exact resume (state_dict / load_state_dict) and `num_excluded` (samples the
-    index validation left out of this run's shards).
+    since the previous batch). Adds exact resume (state_dict / load_state_dict) and `num_excluded`: the samples of
+    this run's shards that the index validation found unusable for this spec (bad image; with captions, also a
+    missing or non-UTF-8 caption), left out of every epoch.
     """
 
     backend = "dali"
@@ -368,14 +369,14 @@ class DaliLoader:
             ip = index_path_for(url, index_dir)
             rep = read_report(url, ip)
             if rep is None:
-                if not os.path.isfile(ip):
+                if not os.path.isfile(ip) or os.path.isfile(report_path_for(ip)):  # none, or fastenc's but stale
                     missing.append(url)
                     continue
                 n = _count_index(ip, captions=self.captions)  # an index from another tool (wds2idx): unvalidated
             else:
                 n = rep.num_captioned if self.captions else rep.num_samples
-                self.num_excluded += len(rep.excluded)
                 self.num_no_caption += len(rep.no_caption) if self.captions else 0
+                self.num_excluded += len(rep.excluded) + (len(rep.no_caption) if self.captions else 0)
             if n == 0:
                 empty.append(f"{url} ({rep.error})" if rep is not None and rep.error else url)
                 continue

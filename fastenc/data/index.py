@@ -38,6 +38,9 @@ _MAGIC = {  # image magic numbers for the quick (validate=False) check
 }
 
 
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
 def split_name(name: str) -> tuple[str, str]:
     """Webdataset's sample grouping: key = member name up to the first dot of its basename, ext = the rest."""
     slash = name.rfind("/") + 1
@@ -151,6 +154,10 @@ def build_index(shard: str, index_path: str | None = None, *, validate: bool = T
                      shard_mtime=stat.st_mtime, validated=validate or assume_valid)
     validate = validate and not assume_valid
     lines = []
+    with open(shard, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED):
+            raise CorruptSample(f"shard {shard} is compressed: DALI reads plain tars at byte offsets. Decompress it "
+                                "(gunzip/zstd -d), re-ingest it with `fastenc data ingest`, or use data.backend=torch")
     try:
         for key, members in _iter_samples(shard):
             ext, image_problem, caption_problem = _check_sample(members, validate)

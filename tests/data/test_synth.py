@@ -6,6 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from fastenc.data.index import read_report
 from fastenc.data.synth import CATEGORIES, COLOR_NAMES, COLORS, STYLES, WORDS, render_sample, write_synthetic_shards
 from fastenc.data.transforms import decode_image
 
@@ -23,7 +24,11 @@ def test_shards_and_manifest(tmp_path):
     assert manifest["shards"] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
     with open(tmp_path / "manifest.json") as f:
         assert json.load(f) == manifest
-    assert sorted(os.listdir(tmp_path)) == sorted(manifest["shards"] + ["manifest.json"])  # no .tmp left over
+    indexes = [s.replace(".tar", ext) for s in manifest["shards"] for ext in (".idx", ".idx.json")]
+    assert sorted(os.listdir(tmp_path)) == sorted(manifest["shards"] + indexes + ["manifest.json"])  # no .tmp left
+    for shard in manifest["shards"]:  # each shard is indexed for DALI, as validated (the writer encoded the images)
+        report = read_report(str(tmp_path / shard))
+        assert report is not None and report.validated and report.num_samples == report.num_captioned
     assert manifest["categories"] == list(CATEGORIES) and manifest["words"] == list(WORDS)
     sizes = [len(_members(tmp_path / s)) // 3 for s in manifest["shards"]]
     assert sizes == [25, 25, 10]
@@ -47,7 +52,9 @@ def test_deterministic_bytes(tmp_path):
 def test_rerun_removes_stale_shards(tmp_path):
     write_synthetic_shards(tmp_path, 30, samples_per_shard=10, progress=False)
     write_synthetic_shards(tmp_path, 15, samples_per_shard=10, progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shard-00000.tar", "shard-00001.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shard-00000.idx", "shard-00000.idx.json",
+                                            "shard-00000.tar", "shard-00001.idx", "shard-00001.idx.json",
+                                            "shard-00001.tar"]  # the stale shard's index went with it
 
 
 # webdataset's own reader leaves shard files to the garbage collector (fastenc's loader closes them).

@@ -80,16 +80,24 @@ def test_fresh_run_never_overwrites(tiny_data, tmp_path):
     assert a.run_dir != b.run_dir and b.run_dir.endswith("same-2")
 
 
-def test_corrupt_samples_skipped_and_counted(tiny_data, corrupt_shard, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_corrupt_samples_skipped_and_counted(tiny_data, corrupt_shard, tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed")
     shards = f"{tiny_data['shards']}/shard-00000.tar,{corrupt_shard}"
     ov = tiny_overrides(tiny_data, tmp_path, "schedule.steps=40", f"data.train_shards={shards}",
-                        "data.resampled=false", "data.shuffle_buffer=1", "data.batch_size=4")
+                        "data.resampled=false", "data.shuffle_buffer=1", "data.batch_size=4",
+                        f"data.backend={backend}", f"data.index_dir={tmp_path / 'idx'}")
     res = _train(RECIPE["clip"], ov, export=False, plot=False)
     rows = read_metrics(res.metrics_path)
-    # 132 good samples per epoch = 33 batches of 4; 40 steps finish epoch 1 (4 skips) and may meet the corrupt
-    # shard again in epoch 2 (8 skips).
-    assert rows[-1]["num_skipped"] in (4, 8)
     assert all(np.isfinite(r["loss"]) for r in rows)
+    if backend == "torch":
+        # Skipped as they are met: 132 good samples per epoch = 33 batches of 4; 40 steps finish epoch 1 (4 skips)
+        # and may meet the corrupt shard again in epoch 2 (8 skips).
+        assert rows[-1]["num_skipped"] in (4, 8) and rows[-1]["num_excluded"] == 0
+    else:
+        # Left out by the index validation before training (2 bad images, 2 bad captions), reported on every row.
+        assert rows[-1]["num_skipped"] == 0 and all(r["num_excluded"] == 4 for r in rows)
 
 
 def _launch(cmd, tmp_path, timeout=420):
