@@ -25,6 +25,13 @@ def plot_loss_curves(metrics_paths: list[str], out_png: str, *, labels: list[str
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str) -> str:
+    """tight_layout, write to a temporary file, close the figure, rename into place (never a half-written PNG)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out_png + ".tmp.png"
     fig.savefig(tmp)

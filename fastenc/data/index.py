@@ -121,10 +121,13 @@ def _check_sample(members: dict, validate: bool) -> tuple[str | None, str | None
     return ext, None, caption_problem
 
 
-def _iter_samples(shard: str):
-    """(key, {ext: (TarInfo, bytes)}) per sample, grouping consecutive members as webdataset does."""
+def iter_tar_samples(path: str, *, mode: str = "r:", read=None):
+    """(key, {ext: (TarInfo, bytes or None)}) per sample of a tar, grouping consecutive members by key as
+    webdataset does; hidden members (leading '.') and members without an extension are not samples. Extensions are
+    lower-cased. read(key, ext) -> bool decides which members' bytes are read (default: all); mode "r|*" streams
+    compressed tars too."""
     key, members = None, {}
-    with tarfile.open(shard, "r:") as tar:  # plain tar only: DALI reads at raw byte offsets
+    with tarfile.open(path, mode) as tar:
         for info in tar:
             if not info.isreg():
                 continue
@@ -135,7 +138,8 @@ def _iter_samples(shard: str):
                 if members:
                     yield key, members
                 key, members = k, {}
-            members[ext.lower()] = (info, tar.extractfile(info).read())
+            ext = ext.lower()
+            members[ext] = (info, tar.extractfile(info).read() if read is None or read(k, ext) else None)
     if members:
         yield key, members
 
@@ -159,7 +163,7 @@ def build_index(shard: str, index_path: str | None = None, *, validate: bool = T
             raise CorruptSample(f"shard {shard} is compressed: DALI reads plain tars at byte offsets. Decompress it "
                                 "(gunzip/zstd -d), re-ingest it with `fastenc data ingest`, or use data.backend=torch")
     try:
-        for key, members in _iter_samples(shard):
+        for key, members in iter_tar_samples(shard):  # plain tar: DALI reads at raw byte offsets
             ext, image_problem, caption_problem = _check_sample(members, validate)
             if image_problem:
                 rep.excluded.append({"key": key, "reason": image_problem})
@@ -266,8 +270,8 @@ def summarize(reports: list[ShardIndex], failed: list[tuple[str, str]] = ()) -> 
     """Totals over shard reports, with the reasons counted (for manifests, logs and `fastenc data index`)."""
     from collections import Counter
 
-    excluded = Counter(_reason_kind(e["reason"]) for r in reports for e in r.excluded)
-    no_caption = Counter(_reason_kind(e["reason"]) for r in reports for e in r.no_caption)
+    excluded = Counter(reason_kind(e["reason"]) for r in reports for e in r.excluded)
+    no_caption = Counter(reason_kind(e["reason"]) for r in reports for e in r.no_caption)
     return {
         "num_shards": len(reports),
         "num_empty_shards": sum(r.empty and not r.error for r in reports),
@@ -282,7 +286,7 @@ def summarize(reports: list[ShardIndex], failed: list[tuple[str, str]] = ()) -> 
     }
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """A reason without its sample-specific details (for counting): text up to the first '(' or ';'."""
     for sep in (" (", ";", ":"):
         reason = reason.split(sep, 1)[0]

@@ -35,7 +35,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fastenc.data.index import _reason_kind, build_index, split_name
+from fastenc.data.index import build_index, iter_tar_samples, reason_kind
 from fastenc.data.synth import _add_file, _write_atomic
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image
 
@@ -73,7 +73,7 @@ class Tally:
     def add(self, source: str, reason: str) -> None:
         reason = _OBJECT_REPR.sub("", reason)  # Pillow names its BytesIO by address: keep manifests reproducible
         self.total += 1
-        self.counts[_reason_kind(reason)] += 1
+        self.counts[reason_kind(reason)] += 1
         if len(self.items) < self.cap:
             self.items.append({"source": source, "reason": reason})
 
@@ -524,27 +524,13 @@ def _folder_candidates(src, images, names_by_dir, captions, table, classes, note
 
 
 def _iter_tar_samples(path: str):
-    """(key, {ext: bytes}) per sample of a (possibly compressed) tar, grouping consecutive members by key as
-    webdataset does; hidden members (leading '.') and members without an extension are not samples."""
+    """(key, {ext: bytes}) per sample of a (possibly compressed: gzip, bzip2, xz) tar (index.iter_tar_samples)."""
     with open(path, "rb") as f:
         if f.read(4) == _ZSTD_MAGIC:
             raise tarfile.ReadError("zstd-compressed, which Python's tarfile cannot read: decompress it first "
                                     "(zstd -d)")
-    key, members = None, {}
-    with tarfile.open(path, "r|*") as tar:  # streaming: plain, gzip, bzip2 and xz tars
-        for info in tar:
-            if not info.isreg():
-                continue
-            k, ext = split_name(info.name)
-            if not ext or os.path.basename(k).startswith("."):
-                continue
-            if k != key:
-                if members:
-                    yield key, members
-                key, members = k, {}
-            members[ext.lower()] = tar.extractfile(info).read()
-    if members:
-        yield key, members
+    for key, members in iter_tar_samples(path, mode="r|*"):
+        yield key, {ext: data for ext, (_, data) in members.items()}
 
 
 def _webdataset_candidates(src: str, tars: list[str], skipped: Tally, notes: Tally):

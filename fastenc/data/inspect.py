@@ -21,7 +21,7 @@ import random
 import tarfile
 from collections import Counter
 
-from fastenc.data.index import _reason_kind, index_path_for, read_report, split_name, summarize
+from fastenc.data.index import index_path_for, iter_tar_samples, read_report, reason_kind, summarize
 from fastenc.data.ingest import DataToolError
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image
 
@@ -79,7 +79,7 @@ class _Scan:
                 caption = decode_caption(sample["txt"])
             except CorruptSample as e:
                 self.caption_invalid += 1
-                self.caption_invalid_reasons[_reason_kind(str(e))] += 1
+                self.caption_invalid_reasons[reason_kind(str(e))] += 1
                 sample["caption_problem"] = str(e)
             else:
                 self.with_caption += 1
@@ -93,26 +93,18 @@ class _Scan:
 
 def _scan_shard(path: str, scan: _Scan) -> None:
     """Feed one shard's samples to `scan`; reads the bytes of captions always, of images and json only if sampled."""
-    sample, slot, key = None, None, None
-    with tarfile.open(path, "r|*") as tar:  # streaming: also .tar.gz, and no seeks
-        for info in tar:
-            if not info.isreg():
-                continue
-            k, ext = split_name(info.name)
-            if not ext or os.path.basename(k).startswith("."):
-                continue
-            ext = ext.lower()
-            if k != key:
-                if sample is not None:
-                    scan.finish(sample, slot)
-                key, slot = k, scan.slot()
-                sample = {"key": k, "shard": path, "exts": []}
-            sample["exts"].append(ext)
-            if ext == "txt" or (slot is not None and (ext == "json" or ext in IMAGE_EXTENSIONS)):
-                if ext not in sample:
-                    sample[ext] = tar.extractfile(info).read()
-    if sample is not None:
-        scan.finish(sample, slot)
+    slots = {}
+
+    def read(key, ext):  # called member by member: draw the sample's reservoir slot at its first member
+        if key not in slots:
+            slots.clear()
+            slots[key] = scan.slot()
+        return ext == "txt" or (slots[key] is not None and (ext == "json" or ext in IMAGE_EXTENSIONS))
+
+    for key, members in iter_tar_samples(path, mode="r|*", read=read):  # streaming: also .tar.gz, no seeks
+        sample = {"key": key, "shard": path, "exts": list(members)}
+        sample.update({ext: data for ext, (_, data) in members.items() if data is not None})
+        scan.finish(sample, slots.get(key))
 
 
 def _label(sample: dict):
@@ -192,7 +184,7 @@ def contact_sheet(samples: list[dict], out_png: str, *, cell: int = CELL, column
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(255, 228, 228), outline=(200, 0, 0))
             draw.line([x, y, x + cell - 1, y + cell - 1], fill=(235, 160, 160))
             draw.line([x, y + cell - 1, x + cell - 1, y], fill=(235, 160, 160))
-            label = ["CORRUPT" if ext else "NO IMAGE", *_wrap(draw, _reason_kind(problem), font, cell - 8, 3)]
+            label = ["CORRUPT" if ext else "NO IMAGE", *_wrap(draw, reason_kind(problem), font, cell - 8, 3)]
             for j, text in enumerate(label):
                 draw.text((x + 4, y + 4 + j * line_h), text, font=font, fill=(160, 0, 0))
         ty = y + cell + 2
@@ -235,12 +227,9 @@ def caption_histogram(words: Counter, out_png: str) -> str:
     ax.set_xlabel("words")
     ax.set_ylabel("samples")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    from fastenc.analysis.curves import save_figure
+
+    return save_figure(fig, out_png)
 
 
 def inspect_shards(shards, out_dir, *, num_samples: int = 32, seed: int = 0, index_dir: str | None = None,
