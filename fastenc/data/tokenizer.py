@@ -7,6 +7,7 @@ with pad_to_longest, to the batch's longest caption); a too-long caption is cut 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -179,20 +180,25 @@ class Tokenizer:
         if multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
         C = self._context_length
-        rows = [ids[: C - 1] + [self.eos_id] for ids in self._sp.encode(list(texts), out_type=int)]
+        ids = self._sp.encode(list(texts), out_type=int, num_threads=1)
+        n = len(ids)
+        # Vectorized from here on (no per-caption Python loop: this runs once per batch, after DALI in the
+        # training process): token ids past C - 1 are dropped, EOS goes after the kept ones, the rest is padding.
+        full = torch.tensor(list(map(len, ids)), dtype=torch.long)
+        tokens = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
+        kept = full.clamp(max=C - 1)
         L = C
         if pad_to_longest:
-            longest = max((len(r) for r in rows), default=1)
+            longest = int(kept.max()) + 1 if n else 1
             L = min(C, -(-longest // multiple_of) * multiple_of)
-        flat = torch.full((len(rows) * L,), self._pad_id, dtype=torch.long)
-        # One scatter for the whole batch instead of a tensor per row (this runs in the loader workers).
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        if rows:
-            starts = torch.arange(len(rows), dtype=torch.long) * L
-            index = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-            index += torch.arange(int(lengths.sum()), dtype=torch.long)
-            flat[index] = torch.tensor([i for r in rows for i in r], dtype=torch.long)
-        return flat.view(len(rows), L)
+        out = torch.full((n * L,), self._pad_id, dtype=torch.long)
+        if n:
+            row = torch.repeat_interleave(torch.arange(n), full)
+            pos = torch.arange(tokens.numel()) - torch.repeat_interleave(torch.cumsum(full, 0) - full, full)
+            keep = pos < C - 1
+            out[row[keep] * L + pos[keep]] = tokens[keep]
+            out[torch.arange(n) * L + kept] = self.eos_id
+        return out.view(n, L)
 
     def decode(self, ids) -> str:
         """Inverse of one row of __call__: ids up to the first EOS, pads dropped."""
