@@ -13,12 +13,15 @@ setup: $(STAMP)
 
 # Everything pinned by .ci/constraints.txt (a full freeze of a working environment). fastenc itself is installed
 # editable without build isolation so its optional native build sees this torch instead of downloading another.
-$(STAMP): setup.py .ci/constraints.txt
+$(STAMP): setup.py .ci/constraints.txt $(wildcard csrc/*.cpp)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q -c .ci/constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c .ci/constraints.txt deepspeed timm transformers sentencepiece webdataset safetensors \
 	    pyyaml tqdm tensorboard matplotlib pillow numpy ninja pytest pytest-timeout open_clip_torch \
 	    nvidia-dali-cuda130 numba
+	@# The native extension is built in place first: setuptools >= 80 turns `pip install -e .` of a setup.py project
+	@# into an isolated PEP 660 build that cannot see torch, so the editable install alone would skip fastenc._C.
+	$(VPY) setup.py -q build_ext --inplace
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@# DeepSpeed JIT-builds its CPU shared-memory allreduce on first use (~2 min); do it once here, in one
 	@# process, because several ranks building it at the same time can hang.

@@ -3,7 +3,10 @@
 The native extension `fastenc._C` is built from csrc/*.cpp when torch and a C++ compiler are present (it holds the
 CPU fast paths of the loss kernels once they exist). It is optional: with no sources, no torch at build time, no
 compiler, or a compile error, the install goes on without it and fastenc uses its torch implementations.
-Install with `pip install --no-build-isolation -e .` so the build sees the pinned torch instead of fetching one.
+Build it in place, then install editable without build isolation (what `make setup` does):
+    python setup.py build_ext --inplace && pip install --no-build-isolation --no-deps -e .
+The in-place build comes first because setuptools >= 80 turns the editable install of a setup.py project into an
+isolated PEP 660 build that cannot see the pinned torch (it would skip fastenc._C).
 """
 
 import glob

@@ -60,8 +60,8 @@ def _require(feature: str):
     if _C is None:
         raise MissingDependency(
             f"{feature} needs fastenc's native extension fastenc._C, which is not built ({_IMPORT_ERROR}). Build it "
-            "(needs a C++ compiler) with `pip install --no-build-isolation --no-deps -e .` or `python setup.py "
-            "build_ext --inplace` in the repository root, without FASTENC_NO_NATIVE=1 set (that skips it); or "
+            "(needs a C++ compiler) with `python setup.py build_ext --inplace` (or `make setup`) in the repository "
+            "root, without FASTENC_NO_NATIVE=1 set (that skips it); or "
             "pick impl='chunked'")
     return _C
 

@@ -15,14 +15,15 @@ _INSTALL_HINTS = {
     "flash_attn": "pip install flash-attn (needs a CUDA toolchain); or set model.attn_impl=sdpa",
     "deepspeed": "pip install deepspeed==0.19.8 (or `make setup`)",
     "triton": "triton ships with the CUDA build of torch; or pick impl='reference'",
-    "nvidia.dali": "pip install nvidia-dali-cuda130; or set data.backend=torch",
+    "nvidia.dali": "pip install nvidia-dali-cuda130 numba (or `make setup`); or set data.backend=torch",
+    "numba": "pip install numba (or `make setup`): DALI-cpu runs its multi-crop kernel with it; or data.backend=torch",
     "sentencepiece": "pip install sentencepiece (or `make setup`)",
     "tensorboard": "pip install tensorboard (or `make setup`)",
     "matplotlib": "pip install matplotlib (or `make setup`)",
     "open_clip": "pip install open_clip_torch (benchmark environment only)",
     "webdataset": "pip install webdataset (or `make setup`)",
-    "fastenc._C": ("build fastenc's native extension (needs a C++ compiler): pip install --no-build-isolation "
-                   "--no-deps -e . (or `python setup.py build_ext --inplace`); or pick impl='chunked'"),
+    "fastenc._C": ("build fastenc's native extension (needs a C++ compiler): `python setup.py build_ext --inplace` "
+                   "(or `make setup`); or pick impl='chunked'"),
 }
 
 

@@ -52,3 +52,35 @@ def test_dali_resume_continues_the_data_stream_exactly(objective, tiny_data, tmp
     assert len(expected) == len(got) == 6
     # Same model, optimizer and schedule state after the resume (earlier tests), and the same batches: equal losses.
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_ingested_image_folder_trains(tiny_data, tmp_path):
+    """`fastenc data ingest` on an image folder with a captions CSV gives shards the trainer trains on (DALI)."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    import csv
+    import tarfile
+
+    from fastenc.cli import main
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    rows = []
+    with tarfile.open(os.path.join(tiny_data["shards"], "shard-00000.tar")) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for name, data in members.items():
+        if name.endswith(".jpg"):
+            key = name[:-4]
+            (src / f"img_{key}.jpg").write_bytes(data)
+            rows.append({"file": f"img_{key}.jpg", "caption": members[f"{key}.txt"].decode()})
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["data", "ingest", str(src), "--out", str(tmp_path / "shards"), "--captions",
+                 str(tmp_path / "captions.csv"), "--samples-per-shard", "64"]) == 0
+    res = train_isolated(RECIPE["clip"], _overrides("clip", tiny_data, tmp_path, "schedule.steps=3",
+                                                    "data.backend=dali", f"data.train_shards={tmp_path / 'shards'}"),
+                         export=False, plot=False)
+    rows = read_metrics(res.metrics_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["num_excluded"] == 0
