@@ -346,7 +346,7 @@ def test_missing_extension_says_how_to_build_it(monkeypatch):
     img, txt = _feats((3, 3), 4)
     with pytest.raises(ImportError, match=r"build_ext --inplace.*FASTENC_NO_NATIVE"):
         clip_rows_native(img, txt, img, txt, 10.0, 0)
-    with pytest.raises(ImportError, match="--no-build-isolation"):
+    with pytest.raises(ImportError, match="make setup"):
         dino_loss_native(torch.randn(4, 5), torch.randn(4, 5), torch.zeros(5), 0.1, 0.04, 2)
 
 
