@@ -13,8 +13,7 @@ from fastenc.losses.sigmoid import _siglip_block_ref
 from tests.losses.helpers import BF16_U, rel_err, value_and_grads
 
 if not native.native_available():
-    pytest.skip("fastenc._C is not built (python setup.py build_ext --inplace, or pip install --no-build-isolation "
-                "--no-deps -e .)", allow_module_level=True)
+    pytest.skip("fastenc._C is not built (python setup.py build_ext --inplace, or make setup)", allow_module_level=True)
 
 from fastenc.losses.native import clip_rows_native, dino_loss_native, siglip_block_native  # noqa: E402
 
