@@ -1,0 +1,302 @@
+"""Frozen features of an encoder over an evaluation dataset: batched, with a progress bar, cached on disk.
+
+Datasets (`dataset_from_spec`):
+    ImageFolder    root/<class>/<image>: one subfolder per class (the ImageNet layout); labels {"label": class
+                   index}, class names from the sorted folder names (or a `classes` file, one name per line).
+    Shards         webdataset shards; labels are integer fields of each sample's .json (e.g. category_id, color_id,
+                   style_id, word_id; -1 stays -1 = "absent"), captions from .txt when asked for.
+Both read with the evaluation transform (resize the shorter side + center crop, ImageTextSpec(train=False)) in one
+ordered pass (no shuffling), so features line up with labels and captions.
+
+Features (`FeatureSpec`): the CLS token (pool="cls") or the mean of the patch tokens (pool="mean") of block `layer`
+(-1: the last), after the encoder's final LayerNorm (applied to intermediate blocks too, as DINO's and DINOv2's
+intermediate-layer evaluations do), L2-normalized unless normalize=False.
+
+Cache: `cache_dir/<key>.safetensors`, key = hash of (the checkpoint file's path, size and mtime, the dataset, the
+feature spec, the image size); written atomically, loaded without pickle. A changed checkpoint or dataset gets a
+new key, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image, image_transform, \
+    locate_image
+
+log = logging.getLogger(__name__)
+
+
+class EvalDataError(ValueError):
+    """An evaluation dataset or encoder that cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    layer: int = -1
+    pool: Literal["cls", "mean"] = "cls"
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.pool not in ("cls", "mean"):
+            raise EvalDataError(f"feature pool must be 'cls' or 'mean', got {self.pool!r}")
+
+
+@dataclass
+class Features:
+    """feats [N, D] fp32; labels {name: LongTensor[N]}; captions (or None); ids: one string per sample."""
+
+    feats: torch.Tensor
+    labels: dict = field(default_factory=dict)
+    captions: list | None = None
+    ids: list = field(default_factory=list)
+    classes: dict = field(default_factory=dict)
+    """{label name: [class names]} where known (image folders)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# datasets
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image> (recursively below each class folder); class index = position in sorted names."""
+
+    def __init__(self, root: str, image_size: int, classes_file: str | None = None):
+        if not os.path.isdir(root):
+            raise EvalDataError(f"image folder {root!r} does not exist")
+        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+        if not folders:
+            raise EvalDataError(f"{root!r} has no class subfolders (expected root/<class>/<image>, the ImageNet "
+                                "layout)")
+        self.classes = folders
+        if classes_file:
+            with open(classes_file) as f:
+                names = [ln.strip() for ln in f if ln.strip()]
+            if len(names) != len(folders):
+                raise EvalDataError(f"class-count mismatch: {classes_file} lists {len(names)} class names but {root} "
+                                    f"has {len(folders)} class folders")
+            self.classes = names
+        self.items = []
+        for label, d in enumerate(folders):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, d))):
+                for name in sorted(files):
+                    if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+                        self.items.append((os.path.join(dirpath, name), label))
+        if not self.items:
+            raise EvalDataError(f"no images (.jpg/.jpeg/.png/.webp) under the class folders of {root!r}")
+        self.transform = image_transform(image_size, train=False)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        try:
+            with open(path, "rb") as f:
+                image = self.transform(decode_image(f.read()))
+        except (OSError, CorruptSample) as e:
+            log.warning("skipping %s: %s", path, e)
+            return None
+        return {"image": image, "labels": torch.tensor([label]), "id": os.path.relpath(path)}
+
+
+class _ShardSample:
+    """sample_fn for shards: image (eval transform), the .json label fields (LongTensor[L]), optionally the caption."""
+
+    def __init__(self, image_size: int, label_keys: list[str], captions: bool):
+        self.transform = image_transform(image_size, train=False)
+        self.label_keys, self.captions = list(label_keys), captions
+
+    def __call__(self, sample: dict) -> dict:
+        where, ext = locate_image(sample)
+        out = {"id": f"{os.path.basename(sample.get('__url__', '?'))}:{sample.get('__key__', '?')}"}
+        if self.label_keys:
+            if "json" not in sample:
+                raise CorruptSample(f"{where} has no .json with the labels {self.label_keys}")
+            meta = json.loads(sample["json"])
+            missing = [k for k in self.label_keys if k not in meta]
+            if missing:
+                raise CorruptSample(f"{where}: .json has no {missing[0]!r} (it has: {', '.join(sorted(meta))})")
+            out["labels"] = torch.tensor([int(meta[k]) if meta[k] is not None else -1 for k in self.label_keys])
+        else:
+            out["labels"] = torch.zeros(0, dtype=torch.long)
+        if self.captions:
+            if "txt" not in sample:
+                raise CorruptSample(f"{where} has no caption (.txt)")
+            out["caption"] = decode_caption(sample["txt"])
+        out["image"] = self.transform(decode_image(sample[ext]))
+        return out
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    out = {"image": torch.stack([it["image"] for it in items]), "labels": torch.stack([it["labels"] for it in items]),
+           "id": [it["id"] for it in items]}
+    if "caption" in items[0]:
+        out["caption"] = [it["caption"] for it in items]
+    return out
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What to evaluate on: an image folder (`folder`) or shards (`shards`, with .json `labels` and `captions`)."""
+
+    folder: str = ""
+    shards: str = ""
+    labels: tuple = ()
+    captions: bool = False
+    classes_file: str = ""
+    max_samples: int = 0
+
+    def __post_init__(self):
+        if bool(self.folder) == bool(self.shards):
+            raise EvalDataError("a dataset needs exactly one of `folder` (class subfolders) or `shards`")
+
+    def describe(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def _batches(dataset: DatasetSpec, image_size: int, batch_size: int, num_workers: int):
+    if dataset.folder:
+        ds = ImageFolder(dataset.folder, image_size, dataset.classes_file or None)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             collate_fn=_collate)
+        return loader, len(ds), {"label": ds.classes}, ["label"]
+    from fastenc.data.loader import build_loader
+    from fastenc.data.shards import expand_shards
+
+    try:
+        expand_shards(dataset.shards)
+    except FileNotFoundError as e:
+        raise EvalDataError(f"dataset shards: {e}") from e
+    labels = list(dataset.labels)
+    loader = build_loader(dataset.shards, sample_fn=_ShardSample(image_size, labels, dataset.captions),
+                          batch_size=batch_size, num_workers=num_workers, shuffle_buffer=0, resampled=False,
+                          drop_last=False, collate_fn=_collate_shards)
+    return loader, None, {}, labels
+
+
+def _collate_shards(items):
+    batch = _collate(items)
+    if batch is None:
+        raise ValueError("empty batch")
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# extraction
+
+
+def _file_identity(path: str) -> list:
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+
+def cache_key(checkpoint: str, dataset: DatasetSpec, spec: FeatureSpec, image_size: int) -> str:
+    blob = json.dumps([_file_identity(checkpoint), dataset.describe(), asdict(spec), image_size], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _pool(encoder, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    if spec.layer == -1:
+        tokens = encoder.forward_features(images)
+    else:
+        tokens = encoder.norm(encoder.forward_intermediates(images, [spec.layer])[0])
+    prefix = getattr(encoder, "num_prefix_tokens", 1)
+    feats = tokens[:, 0] if spec.pool == "cls" else tokens[:, prefix:].mean(dim=1)
+    feats = feats.float()
+    return F.normalize(feats, dim=-1) if spec.normalize else feats
+
+
+@torch.no_grad()
+def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *, checkpoint: str | None = None,
+            cache_dir: str | None = None, batch_size: int = 256, num_workers: int = 0, device="cpu",
+            progress: str | None = "features") -> Features:
+    """Features of `encoder` (a fastenc/timm ViT) over `dataset`, read from / written to the cache when
+    `checkpoint` (the encoder's file, part of the key) and `cache_dir` are given."""
+    image_size = int(encoder.img_size)
+    path = None
+    if cache_dir and checkpoint:
+        path = os.path.join(cache_dir, cache_key(checkpoint, dataset, spec, image_size) + ".safetensors")
+        if os.path.isfile(path):
+            return _load(path)
+    loader, total, classes, label_names = _batches(dataset, image_size, batch_size, num_workers)
+    limit = dataset.max_samples or None
+    encoder = encoder.to(device)
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels, captions, ids = [], [], [], []
+    from tqdm import tqdm
+
+    bar = tqdm(desc=progress, unit="img", total=limit or total, leave=False, disable=not progress)
+    n = 0
+    for batch in loader:
+        if batch is None:
+            continue
+        feats.append(_pool(encoder, batch["image"].to(device), spec).cpu())
+        labels.append(batch["labels"])
+        captions += batch.get("caption", [])
+        ids += batch["id"]
+        n += len(batch["id"])
+        bar.update(len(batch["id"]))
+        if limit and n >= limit:
+            break
+    bar.close()
+    encoder.train(was_training)
+    if not feats:
+        raise EvalDataError(f"no usable samples in {dataset.folder or dataset.shards!r}")
+    f = torch.cat(feats)[:limit]
+    lab = torch.cat(labels)[:limit]
+    out = Features(f, {name: lab[:, i].contiguous() for i, name in enumerate(label_names)},
+                   captions[:limit] if dataset.captions else None, ids[:limit], classes)
+    if path:
+        _save(out, path)
+    return out
+
+
+def _save(feats: Features, path: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tensors = {"feats": feats.feats.contiguous(), **{f"label.{k}": v for k, v in feats.labels.items()}}
+    meta = {"ids": json.dumps(feats.ids), "captions": json.dumps(feats.captions), "classes": json.dumps(feats.classes)}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load(path: str) -> Features:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    labels = {k[len("label."):]: v for k, v in tensors.items() if k.startswith("label.")}
+    return Features(tensors["feats"], labels, json.loads(meta.get("captions", "null")),
+                    json.loads(meta.get("ids", "[]")), json.loads(meta.get("classes", "{}")))
+
+
+def encoder_checkpoint(source: str) -> str:
+    """The encoder file of a run dir (export/encoder.safetensors) or the given .safetensors; a clear error if the
+    run dir has none (the export is written when a run finishes)."""
+    if os.path.isdir(source):
+        path = os.path.join(source, "export", "encoder.safetensors")
+        if not os.path.isfile(path):
+            raise EvalDataError(f"run dir {source!r} has no encoder checkpoint ({path}): the export is written when a "
+                                "run reaches schedule.steps; finish the run (--resume), or pass an encoder "
+                                ".safetensors file")
+        return path
+    if not os.path.isfile(source):
+        raise EvalDataError(f"encoder {source!r} not found: pass a run dir or an encoder .safetensors file")
+    return source
