@@ -9,6 +9,8 @@
     fastenc config show --config FILE [section.key=value ...]
     fastenc config diff RUN_OR_YAML RUN_OR_YAML      exit 0 if controlled (differ only in `objective:`), else 1
     fastenc study check|run|report STUDY.yaml        refuses (exit 1) when the study's runs are not controlled
+    fastenc eval RUN_DIR... --suite SUITE --out DIR   every protocol of an eval suite on every run: report.md,
+                                                      results.json, PNGs (configs/cpu/eval_synth.yaml; launch/evaluate.py)
     fastenc eval knn --encoder ENCODER.safetensors|RUN_DIR --train-shards S --val-shards S [--label category_id]
     fastenc plot METRICS_OR_RUN_DIR ... --out loss.png
     fastenc objectives | fastenc models
@@ -198,7 +200,36 @@ def run_data_index(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_eval_suite_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs (or encoder .safetensors files) to evaluate")
+    p.add_argument("--suite", required=True,
+                   help="suite YAML, or a name under configs/cpu or configs/paper (eval_synth, eval_imagenet)")
+    p.add_argument("--out", required=True, help="output dir: report.md, results.json, PNGs")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
+
+
+def run_eval_suite(args: argparse.Namespace) -> int:
+    from fastenc.eval.features import EvalDataError
+    from fastenc.eval.suite import resolve_suite, run_suite
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        results = run_suite(args.runs, resolve_suite(args.suite), args.out, cache_dir=args.cache_dir)
+    except EvalDataError as e:
+        print(f"fastenc eval: {e}", file=sys.stderr)
+        return 2
+    print(f"fastenc eval: {len(results['runs'])} run(s), {len(results['protocols'])} protocol(s) -> "
+          f"{os.path.join(args.out, 'report.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"] and argv[1:2] != ["knn"] and not {"-h", "--help"} & set(argv[1:2]):
+        p = argparse.ArgumentParser(prog="fastenc eval", description="evaluate run dirs with an eval suite "
+                                    "(`fastenc eval knn ...` is the single k-NN command)")
+        add_eval_suite_args(p)
+        return run_eval_suite(p.parse_args(argv[1:]))
     parser = argparse.ArgumentParser(prog="fastenc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -243,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                             help="command prefix, e.g. 'deepspeed --num_gpus 8' (default: this python)")
             sp.add_argument("--max-steps", type=int, default=None)
 
-    ev = sub.add_parser("eval", help="evaluate encoders").add_subparsers(dest="eval_cmd", required=True)
+    ev = sub.add_parser("eval", help="evaluate encoders: `fastenc eval RUN_DIR... --suite S --out D`, or `eval knn`",
+                        description="fastenc eval RUN_DIR... --suite SUITE --out DIR runs an eval suite (see "
+                        "launch/evaluate.py); `fastenc eval knn` the single k-NN evaluation."
+                        ).add_subparsers(dest="eval_cmd", required=True)
     knn = ev.add_parser("knn", help="weighted k-NN accuracy of frozen features (DINO's protocol)")
     knn.add_argument("--encoder", required=True, help="export/encoder.safetensors, or a run dir")
     knn.add_argument("--model", default=None, help="ViT preset (default: from the export's metadata)")

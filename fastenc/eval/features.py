@@ -44,10 +44,15 @@ class FeatureSpec:
     layer: int = -1
     pool: Literal["cls", "mean"] = "cls"
     normalize: bool = True
+    space: Literal["encoder", "joint"] = "encoder"
+    """encoder: the ViT's tokens (layer, pool); joint: an image-text run's shared embedding (EvalRun.encode_image,
+    for zero-shot and retrieval), given to extract() as `embed`."""
 
     def __post_init__(self):
         if self.pool not in ("cls", "mean"):
             raise EvalDataError(f"feature pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.space not in ("encoder", "joint"):
+            raise EvalDataError(f"feature space must be 'encoder' or 'joint', got {self.space!r}")
 
 
 @dataclass
@@ -221,9 +226,12 @@ def _pool(encoder, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
 @torch.no_grad()
 def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *, checkpoint: str | None = None,
             cache_dir: str | None = None, batch_size: int = 256, num_workers: int = 0, device="cpu",
-            progress: str | None = "features") -> Features:
+            progress: str | None = "features", embed=None) -> Features:
     """Features of `encoder` (a fastenc/timm ViT) over `dataset`, read from / written to the cache when
-    `checkpoint` (the encoder's file, part of the key) and `cache_dir` are given."""
+    `checkpoint` (the encoder's file, part of the key) and `cache_dir` are given. spec.space == "joint": the
+    features are embed(images) (EvalRun.encode_image) instead of the encoder's tokens."""
+    if spec.space == "joint" and embed is None:
+        raise EvalDataError("joint-space features need `embed` (an image-text run's encode_image)")
     image_size = int(encoder.img_size)
     path = None
     if cache_dir and checkpoint:
@@ -243,7 +251,8 @@ def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *,
     for batch in loader:
         if batch is None:
             continue
-        feats.append(_pool(encoder, batch["image"].to(device), spec).cpu())
+        images = batch["image"].to(device)
+        feats.append((embed(images).float() if spec.space == "joint" else _pool(encoder, images, spec)).cpu())
         labels.append(batch["labels"])
         captions += batch.get("caption", [])
         ids += batch["id"]

@@ -1,0 +1,335 @@
+"""`fastenc eval RUN_DIR... --suite SUITE.yaml --out DIR`: every protocol of a suite on every run, one report.
+
+A suite (configs/cpu/eval_synth.yaml, configs/paper/eval_imagenet.yaml) names its datasets and protocols:
+
+    name: synth
+    features: {layer: -1, pool: cls}               # what "the encoder's features" are (fastenc.eval.features)
+    datasets:
+      train: {shards: data/synth_cpu/shard-{00000..00015}.tar, labels: [category_id, color_id], captions: true}
+      val:   {folder: data/imagenet/val, classes_file: data/imagenet/classes.txt}
+    protocols:
+      knn:          {train: train, test: val, labels: [category_id, color_id], k: 20, temperature: 0.07}
+      linear_probe: {train: train, test: val, labels: [category_id], epochs: 50, warmup_epochs: 10, ...}
+      zero_shot:    {dataset: val, label: category_id, class_names: [circle, square], templates: ["a photo of a {}."]}
+      retrieval:    {dataset: val}
+      pairs:        {dataset: val, a: clip, b: dino, attributes: [category_id, color_id], num_pairs: 1000000}
+      loss_curves:  {}
+
+Runs are named by their config's run.name. Protocols that do not apply to a run (zero-shot and retrieval for an
+encoder without a text tower, pairs without both named runs) are recorded as skipped with the reason, not
+dropped. Outputs: DIR/results.json (every number), DIR/report.md (tables + figures), DIR/*.png.
+Paths inside the suite are relative to the directory `fastenc eval` runs from (like the recipes' data paths).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import yaml
+
+from fastenc.eval.features import DatasetSpec, EvalDataError, FeatureSpec, extract
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("knn", "linear_probe", "zero_shot", "retrieval", "pairs", "loss_curves")
+_DATASET_KEYS = {"folder", "shards", "labels", "captions", "classes_file", "max_samples"}
+
+
+def resolve_suite(name: str) -> str:
+    """A suite file path, or a bare name found as configs/{cpu,paper}/NAME.yaml (from here or the repository)."""
+    if os.path.isfile(name):
+        return name
+    roots = [os.getcwd(), os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
+    for root in roots:
+        for scale in ("cpu", "paper"):
+            path = os.path.join(root, "configs", scale, name if name.endswith(".yaml") else name + ".yaml")
+            if os.path.isfile(path):
+                return path
+    raise EvalDataError(f"suite {name!r} not found: pass a YAML path or a name under configs/cpu or configs/paper")
+
+
+def load_suite(path: str) -> dict:
+    """Read and check a suite file (unknown protocols, datasets a protocol names but the suite lacks)."""
+    if not os.path.isfile(path):
+        raise EvalDataError(f"suite file {path!r} not found (see configs/cpu/eval_synth.yaml)")
+    with open(path) as f:
+        suite = yaml.safe_load(f) or {}
+    unknown = set(suite) - {"name", "features", "datasets", "protocols"}
+    if unknown:
+        raise EvalDataError(f"{path}: unknown top-level keys {sorted(unknown)} (name, features, datasets, protocols)")
+    datasets = suite.get("datasets") or {}
+    for name, d in datasets.items():
+        bad = set(d) - _DATASET_KEYS
+        if bad:
+            raise EvalDataError(f"{path}: dataset {name!r} has unknown keys {sorted(bad)} ({sorted(_DATASET_KEYS)})")
+    for proto, args in (suite.get("protocols") or {}).items():
+        if proto not in PROTOCOLS:
+            raise EvalDataError(f"{path}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
+        for key in ("train", "test", "dataset"):
+            if key in (args or {}) and args[key] not in datasets:
+                raise EvalDataError(f"{path}: protocol {proto} uses dataset {args[key]!r}, which `datasets:` does "
+                                    f"not define ({', '.join(datasets) or 'none'})")
+    suite.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return suite
+
+
+def _dataset(suite: dict, name: str) -> DatasetSpec:
+    d = dict(suite["datasets"][name])
+    if "labels" in d:
+        d["labels"] = tuple(d["labels"])
+    for key in ("folder", "shards", "classes_file"):
+        if d.get(key) and "{" not in d[key] and "*" not in d[key] and "," not in d[key] and not os.path.exists(d[key]):
+            raise EvalDataError(f"dataset {name!r}: {key} {d[key]!r} does not exist")
+    return DatasetSpec(**d)
+
+
+class _Features:
+    """Per (run, dataset, space): features, extracted once per suite run (and cached on disk)."""
+
+    def __init__(self, suite, cache_dir):
+        self.suite, self.cache_dir, self.memo = suite, cache_dir, {}
+        self.spec = FeatureSpec(**(suite.get("features") or {}))
+
+    def get(self, run, dataset: str, joint: bool = False):
+        key = (run.name, dataset, joint)
+        if key not in self.memo:
+            spec = FeatureSpec(space="joint") if joint else self.spec
+            self.memo[key] = extract(run.encoder, _dataset(self.suite, dataset), spec, checkpoint=run.checkpoint,
+                                     cache_dir=self.cache_dir, progress=f"{run.name} {dataset}",
+                                     embed=run.encode_image if joint else None)
+        return self.memo[key]
+
+
+def _labels_of(feats, names, dataset):
+    missing = [n for n in names if n not in feats.labels]
+    if missing:
+        raise EvalDataError(f"dataset {dataset!r} has no label {missing[0]!r} (it has: {', '.join(feats.labels)}); "
+                            "add it to the dataset's `labels:`")
+    return {n: feats.labels[n] for n in names}
+
+
+def run_knn(runs, args, F):
+    from fastenc.eval.knn import knn_accuracy
+
+    out = {}
+    for run in runs:
+        tr, te = F.get(run, args["train"]), F.get(run, args["test"])
+        names = args.get("labels") or list(tr.labels)
+        res = {}
+        for name, ytr in _labels_of(tr, names, args["train"]).items():
+            yte = _labels_of(te, [name], args["test"])[name]
+            keep_tr, keep_te = ytr >= 0, yte >= 0  # -1: attribute absent (e.g. no word)
+            C = int(max(ytr.max(), yte.max())) + 1
+            res[name] = knn_accuracy(tr.feats[keep_tr], ytr[keep_tr], te.feats[keep_te], yte[keep_te],
+                                     k=args.get("k", 20), temperature=args.get("temperature", 0.07), num_classes=C)
+        out[run.name] = res
+    return out
+
+
+def run_linear_probe(runs, args, F):
+    from fastenc.eval.probe import linear_probe
+
+    kw = {k: args[k] for k in ("epochs", "warmup_epochs", "search_epochs", "batch_size", "holdout_fraction", "seed")
+          if k in args}
+    if "lrs" in args:
+        kw["lrs"] = [float(x) for x in args["lrs"]]
+    if "wds" in args:
+        kw["wds"] = [float(x) for x in args["wds"]]
+    out = {}
+    for run in runs:
+        tr, te = F.get(run, args["train"]), F.get(run, args["test"])
+        names = args.get("labels") or list(tr.labels)
+        res = {}
+        for name, ytr in _labels_of(tr, names, args["train"]).items():
+            yte = _labels_of(te, [name], args["test"])[name]
+            keep_tr, keep_te = ytr >= 0, yte >= 0
+            r = linear_probe(tr.feats[keep_tr], ytr[keep_tr], te.feats[keep_te], yte[keep_te],
+                             num_classes=int(max(ytr.max(), yte.max())) + 1, **kw)
+            res[name] = {"best_accuracy": r.best_accuracy, "final_accuracy": r.final_accuracy, "lr": r.lr,
+                         "weight_decay": r.weight_decay, "best_epoch": r.best_epoch}
+        out[run.name] = res
+    return out
+
+
+def _class_names(args, feats):
+    if "class_names" in args:
+        return [str(c) for c in args["class_names"]]
+    label = args.get("label", "label")
+    if label in feats.classes:
+        return feats.classes[label]
+    raise EvalDataError("zero_shot needs `class_names:` (or an image-folder dataset, whose folder names are used)")
+
+
+def run_zero_shot(runs, args, F):
+    from fastenc.eval.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_accuracy
+
+    out = {}
+    for run in runs:
+        if not run.has_text:
+            out[run.name] = {"skipped": "no text tower"}
+            continue
+        feats = F.get(run, args["dataset"], joint=True)
+        label = args.get("label", "label")
+        y = _labels_of(feats, [label], args["dataset"])[label]
+        names = _class_names(args, feats)
+        if int(y.max()) >= len(names):
+            raise EvalDataError(f"class-count mismatch: labels of {label!r} go up to {int(y.max())} but "
+                                f"{len(names)} class names are given")
+        classes = class_text_embeddings(names, args.get("templates") or DEFAULT_TEMPLATES, run.encode_text)
+        out[run.name] = zero_shot_accuracy(feats.feats, y, classes)
+    return out
+
+
+def run_retrieval(runs, args, F):
+    from fastenc.eval.retrieval import retrieval_recall
+
+    out = {}
+    for run in runs:
+        if not run.has_text:
+            out[run.name] = {"skipped": "no text tower"}
+            continue
+        feats = F.get(run, args["dataset"], joint=True)
+        if not feats.captions:
+            raise EvalDataError(f"retrieval needs captions: set `captions: true` on dataset {args['dataset']!r}")
+        # ties="expected": duplicate captions (common in the synthetic data) count as a random tie-break, not as
+        # misses; on data with unique captions every choice gives the same numbers.
+        out[run.name] = retrieval_recall(feats.feats, run.encode_text(feats.captions),
+                                         ties=args.get("ties", "expected"))
+    return out
+
+
+def run_pairs(runs, args, F, out_dir):
+    from fastenc.analysis.pairs import analyze_pairs
+
+    by_name = {r.name: r for r in runs}
+    a, b = args.get("a", "clip_tiny"), args.get("b", "dino_tiny")
+    if a not in by_name or b not in by_name:
+        return {"skipped": f"needs runs named {a!r} and {b!r} (got {', '.join(by_name)})"}
+    fa, fb = F.get(by_name[a], args["dataset"]), F.get(by_name[b], args["dataset"])
+    attributes = {n: fa.labels[n] for n in args.get("attributes", []) if n in fa.labels}
+    kw = {k: args[k] for k in ("num_pairs", "thresholds", "seed", "max_pairs") if k in args}
+    return analyze_pairs(fa.feats, fb.feats, names=(a, b), attributes=attributes or None,
+                         load_image=_image_loader(_dataset(F.suite, args["dataset"]), fa.ids),
+                         out_dir=out_dir, **kw)
+
+
+def _image_loader(dataset: DatasetSpec, ids):
+    """index -> PIL image of the evaluated sample (folders: its path; shards: read from its shard on demand)."""
+    from PIL import Image
+
+    if dataset.folder:
+        return lambda i: Image.open(ids[i]).convert("RGB")
+    from fastenc.data.index import iter_tar_samples
+    from fastenc.data.shards import expand_shards
+    from fastenc.data.transforms import IMAGE_EXTENSIONS, decode_image
+
+    urls = {os.path.basename(u): u for u in expand_shards(dataset.shards)}
+
+    def load(i):
+        shard, key = ids[i].rsplit(":", 1)
+        for k, members in iter_tar_samples(urls[shard], read=lambda kk, e: kk == key):
+            if k == key:
+                ext = next(e for e in IMAGE_EXTENSIONS if e in members)
+                return decode_image(members[ext][1])
+        raise EvalDataError(f"sample {ids[i]} not found")
+
+    return load
+
+
+def run_loss_curves(runs, args, out_dir):
+    from fastenc.analysis.curves import plot_loss_curves
+
+    paths = [(r.name, r.metrics_path) for r in runs if r.metrics_path]
+    if not paths:
+        return {"skipped": "no run has metrics.jsonl"}
+    png = plot_loss_curves([p for _, p in paths], os.path.join(out_dir, "loss_curves.png"),
+                           labels=[n for n, _ in paths], x=args.get("x", "samples_seen"))
+    return {"png": os.path.basename(png), "runs": [n for n, _ in paths]}
+
+
+def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None) -> dict:
+    """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md."""
+    from fastenc.eval.runs import load_run
+
+    suite = load_suite(suite_path)
+    runs = [load_run(s) for s in sources]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise EvalDataError(f"two runs share a name ({names}): give each run its own run.name")
+    os.makedirs(out_dir, exist_ok=True)
+    F = _Features(suite, cache_dir or os.path.join(out_dir, "feature_cache"))
+    results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs}, "protocols": {}}
+    for proto, args in (suite.get("protocols") or {}).items():
+        args = args or {}
+        start = time.time()
+        log.info("%s ...", proto)
+        if proto == "pairs":
+            res = run_pairs(runs, args, F, out_dir)
+        elif proto == "loss_curves":
+            res = run_loss_curves(runs, args, out_dir)
+        else:
+            res = {"knn": run_knn, "linear_probe": run_linear_probe, "zero_shot": run_zero_shot,
+                   "retrieval": run_retrieval}[proto](runs, args, F)
+        results["protocols"][proto] = {"args": args, "results": res, "seconds": round(time.time() - start, 1)}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=_jsonable)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render_report(results))
+    return results
+
+
+def _jsonable(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if hasattr(x, "__dict__"):
+        return vars(x)
+    return str(x)
+
+
+def _fmt(v):
+    return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
+
+
+def render_report(results: dict) -> str:
+    """report.md: one table per protocol (accuracies in %), figures linked."""
+    lines = [f"# Evaluation: {results['suite']}", "", "| run | source |", "| --- | --- |"]
+    lines += [f"| {n} | `{s}` |" for n, s in results["runs"].items()]
+    for proto, entry in results["protocols"].items():
+        res = entry["results"]
+        lines += ["", f"## {proto}", ""]
+        if proto in ("knn", "linear_probe"):
+            labels = sorted({lab for r in res.values() for lab in r})
+            lines += ["| run | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+            for run, r in res.items():
+                cells = [(r[lab]["best_accuracy"] if isinstance(r.get(lab), dict) else r.get(lab, "-"))
+                         for lab in labels]
+                lines.append(f"| {run} | " + " | ".join(_fmt(c) for c in cells) + " |")
+            lines.append("")
+            lines.append("top-1 accuracy, % (linear probe: best over epochs, the paper's report)")
+        elif proto in ("zero_shot", "retrieval"):
+            keys = sorted({k for r in res.values() for k in r if k != "skipped"})
+            lines += ["| run | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+            for run, r in res.items():
+                if "skipped" in r:
+                    lines.append(f"| {run} | " + " | ".join(["n/a"] * len(keys)) + f" |  ({r['skipped']})")
+                else:
+                    lines.append(f"| {run} | " + " | ".join(_fmt(r.get(k, "-")) for k in keys) + " |")
+        elif proto == "loss_curves":
+            lines.append(f"![loss curves]({res['png']})" if "png" in res else f"skipped: {res.get('skipped')}")
+        elif proto == "pairs":
+            if "skipped" in res:
+                lines.append(f"skipped: {res['skipped']}")
+            else:
+                from fastenc.analysis.pairs import report_markdown
+
+                lines.append(report_markdown(res).split("\n", 1)[1])  # its own title is this section's
+                for key, path in res.get("files", {}).items():
+                    if key.startswith("png_"):
+                        lines.append(f"![{key[4:]}]({os.path.basename(path)})")
+        lines.append(f"\n({entry['seconds']} s)")
+    return "\n".join(lines) + "\n"
