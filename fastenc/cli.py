@@ -206,6 +206,17 @@ def add_eval_suite_args(p: argparse.ArgumentParser) -> None:
                    help="suite YAML, or a name under configs/cpu or configs/paper (eval_synth, eval_imagenet)")
     p.add_argument("--out", required=True, help="output dir: report.md, results.json, PNGs")
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the encoders run (default: cuda "
+                   "when available, else cpu)")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def run_eval_suite(args: argparse.Namespace) -> int:
@@ -214,7 +225,8 @@ def run_eval_suite(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        results = run_suite(args.runs, resolve_suite(args.suite), args.out, cache_dir=args.cache_dir)
+        results = run_suite(args.runs, resolve_suite(args.suite), args.out, cache_dir=args.cache_dir,
+                            device=args.device)
     except EvalDataError as e:
         print(f"fastenc eval: {e}", file=sys.stderr)
         return 2

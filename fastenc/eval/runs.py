@@ -35,14 +35,27 @@ class EvalRun:
     def has_text(self) -> bool:
         return self.objective is not None and hasattr(self.objective, "encode_text")
 
+    def to(self, device) -> "EvalRun":
+        """Move the encoder (and the objective) to `device`; embeddings come back on the CPU."""
+        self.encoder.to(device)
+        if self.objective is not None:
+            self.objective.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> [N, E] L2-normalized embeddings (the objective's tokenizer and text tower)."""
+    def encode_text(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:
+        """Texts -> [N, E] L2-normalized embeddings on the CPU (the objective's tokenizer and text tower)."""
         if not self.has_text:
             raise EvalDataError(f"{self.name} has no text tower (objective without text, or a bare encoder file)")
-        obj = self.objective
-        tokens = obj.tokenizer(list(texts), pad_to_longest=True, multiple_of=8)
-        return obj.encode_text(tokens)
+        obj, texts, out = self.objective, list(texts), []
+        for start in range(0, len(texts), batch_size):
+            tokens = obj.tokenizer(texts[start:start + batch_size], pad_to_longest=True, multiple_of=8)
+            out.append(obj.encode_text(tokens.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,8 @@ def _dataset(suite: dict, name: str) -> DatasetSpec:
 class _Features:
     """Per (run, dataset, space): features, extracted once per suite run (and cached on disk)."""
 
-    def __init__(self, suite, cache_dir):
-        self.suite, self.cache_dir, self.memo = suite, cache_dir, {}
+    def __init__(self, suite, cache_dir, device="cpu"):
+        self.suite, self.cache_dir, self.memo, self.device = suite, cache_dir, {}, device
         self.spec = FeatureSpec(**(suite.get("features") or {}))
 
     def get(self, run, dataset: str, joint: bool = False):
@@ -99,7 +99,7 @@ class _Features:
             spec = FeatureSpec(space="joint") if joint else self.spec
             self.memo[key] = extract(run.encoder, _dataset(self.suite, dataset), spec, checkpoint=run.checkpoint,
                                      cache_dir=self.cache_dir, progress=f"{run.name} {dataset}",
-                                     embed=run.encode_image if joint else None)
+                                     embed=run.encode_image if joint else None, device=self.device)
         return self.memo[key]
 
 
@@ -250,17 +250,18 @@ def run_loss_curves(runs, args, out_dir):
     return {"png": os.path.basename(png), "runs": [n for n, _ in paths]}
 
 
-def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None) -> dict:
+def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None,
+              device: str = "cpu") -> dict:
     """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md."""
     from fastenc.eval.runs import load_run
 
     suite = load_suite(suite_path)
-    runs = [load_run(s) for s in sources]
+    runs = [load_run(s).to(device) for s in sources]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise EvalDataError(f"two runs share a name ({names}): give each run its own run.name")
     os.makedirs(out_dir, exist_ok=True)
-    F = _Features(suite, cache_dir or os.path.join(out_dir, "feature_cache"))
+    F = _Features(suite, cache_dir or os.path.join(out_dir, "feature_cache"), device)
     results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs}, "protocols": {}}
     for proto, args in (suite.get("protocols") or {}).items():
         args = args or {}
