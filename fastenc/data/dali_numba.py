@@ -8,8 +8,9 @@ mean gray level, saturation, HSV hue shift, in a random order, clamped after eac
 normalization to float CHW. DALI keeps the decode, the random resized crops and the random draws; the GPU pipeline
 uses DALI's own GPU operators instead (fastenc.data.dali).
 
-The kernel is plain Python over numpy arrays: numba compiles it (once per process, ~5 s) for DALI, and the tests
-call it directly to compare every step with torchvision's functional ops (tests/data/test_dali.py).
+The kernel is plain Python over numpy arrays: numba compiles it for DALI (once per process, ~5 s with its disk
+cache warm), and the tests call it directly to compare every step with torchvision's functional ops
+(tests/data/test_dali.py).
 
 Per-crop parameters (one float32 row of NUM_PARAMS):
     0 flip   1 jitter   2 brightness   3 contrast   4 saturation   5 hue (turns)   6 order (0..23, a permutation
@@ -203,13 +204,6 @@ def augment_crops_setup(outs, ins):
         outs[0][i][3] = ins[0][i][2]
 
 
-def jit(function):
-    """numba.njit `function` with the helpers it calls (they are compiled as globals of this module)."""
-    import numba
-
-    return numba.njit(cache=False)(function)
-
-
 @functools.lru_cache(maxsize=None)
 def dali_op():
     """The DALI numba operator, compiled once per process (numba's compile takes seconds; pipelines share it)."""
@@ -220,10 +214,15 @@ def dali_op():
     import nvidia.dali.types as types
     from nvidia.dali.plugin.numba.experimental import NumbaFunction
 
-    # The DALI plugin njit-compiles run_fn; its callees must be numba functions too.
+    # The DALI plugin njit-compiles run_fn; its callees must be numba functions too. They are cached on disk
+    # (numba's cache, next to this file or in the user's cache dir), which halves the per-process compile (~10 s ->
+    # ~5 s, the rest is the plugin's own wrapper); where no cache location is writable they compile uncached.
     g = globals()
     for name in ("_permutation", "_blend_gray", "_shift_hue", "_gaussian_taps", "_blur", "augment_crop"):
         if not isinstance(g[name], numba.core.registry.CPUDispatcher):
-            g[name] = numba.njit(g[name])
+            try:
+                g[name] = numba.njit(cache=True)(g[name])
+            except RuntimeError:  # "cannot cache function ...: no locator available"
+                g[name] = numba.njit(g[name])
     return NumbaFunction(run_fn=augment_crops, setup_fn=augment_crops_setup, out_types=[types.FLOAT],
                          in_types=[types.UINT8, types.FLOAT], outs_ndim=[4], ins_ndim=[4, 2], device="cpu")
