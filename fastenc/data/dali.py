@@ -129,8 +129,9 @@ def _dino_crop(img, size: int, scale, blur_p: float, solarize_p: float, spec: Mu
     import nvidia.dali.fn as fn  # plain imports: this runs under DALI's conditional (autograph) conversion
     import nvidia.dali.types as types
 
-    img = fn.random_resized_crop(img, size=[size, size], random_area=list(scale), random_aspect_ratio=list(S.CROP_RATIO),
-                                 interp_type=types.INTERP_CUBIC, antialias=True)
+    img = fn.random_resized_crop(img, size=[size, size], random_area=list(scale),
+                                 random_aspect_ratio=list(S.CROP_RATIO), interp_type=types.INTERP_CUBIC,
+                                 antialias=True)
     jitter = fn.random.coin_flip(probability=S.JITTER_P)
     gray = fn.random.coin_flip(probability=S.GRAY_P)
     j, on = S.JITTER, fn.cast(jitter, dtype=types.FLOAT)
@@ -174,8 +175,9 @@ def _cpu_crop_params(num: int, blur_p: float, solarize_p: float, spec: MultiCrop
                  fn.random.uniform(range=[-j["hue"], j["hue"]]),
                  fn.random.uniform(values=[float(k) for k in range(24)]),  # torchvision's randperm(4)
                  coin(S.GRAY_P), sigma, coin(solarize_p)]
-        rows.append(fn.cat(fn.stack(*draws), fn.constant(fdata=[255 * m for m in spec.mean] + [255 * s for s in spec.std],
-                                                         shape=[6], dtype=types.FLOAT)))
+        constants = fn.constant(fdata=[255 * m for m in spec.mean] + [255 * s for s in spec.std], shape=[6],
+                                dtype=types.FLOAT)
+        rows.append(fn.cat(fn.stack(*draws), constants))
     return fn.stack(*rows)
 
 
