@@ -305,7 +305,7 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _captions(padded: np.ndarray, lengths: np.ndarray, sources=None) -> tuple[list[str], int]:
+def _captions(padded: np.ndarray, lengths: np.ndarray) -> tuple[list[str], int]:
     """Rows of padded caption bytes -> stripped strings; (captions, number repaired: not UTF-8 or empty)."""
     buf = padded.tobytes()
     width = padded.shape[1] if padded.ndim == 2 else 0

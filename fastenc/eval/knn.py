@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import torch
-import torch.nn.functional as F
 
 from fastenc.data.transforms import CorruptSample, decode_image, image_transform, locate_image
 
@@ -43,42 +42,22 @@ class LabelledImage:
                 "label": torch.tensor([int(meta[k]) for k in self.label_keys], dtype=torch.long)}
 
 
-@torch.no_grad()
 def extract_features(encoder, shards, label_key, *, max_samples: int | None = None, batch_size: int = 256,
                      num_workers: int = 0, device="cpu", progress: str | None = None):
-    """(features [N, D] L2-normalized fp32, labels) over one pass of `shards` in order (no shuffle).
+    """(features [N, D] L2-normalized fp32, labels) over one pass of `shards` in order (no shuffle): the CLS token
+    after the final norm, through fastenc.eval.features.extract (no cache).
 
     label_key: one .json field (labels [N]) or a list of fields (labels [N, len(list)], one pass for all)."""
-    from fastenc.data.loader import build_loader
+    from fastenc.eval.features import DatasetSpec, EvalDataError, extract
 
-    loader = build_loader(shards, sample_fn=LabelledImage(int(encoder.img_size), label_key), batch_size=batch_size,
-                          num_workers=num_workers, shuffle_buffer=0, resampled=False, drop_last=False)
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels, n = [], [], 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc=progress, unit="img", total=max_samples, leave=False)
-    for batch in loader:
-        f = encoder(batch["image"].to(device)).float()
-        feats.append(F.normalize(f, dim=-1).cpu())
-        labels.append(batch["label"])
-        n += len(batch["label"])
-        if bar is not None:
-            bar.update(len(batch["label"]))
-        if max_samples is not None and n >= max_samples:
-            break
-    if bar is not None:
-        bar.close()
-    encoder.train(was_training)
-    if not feats:
-        raise ValueError(f"no usable samples with label {label_key!r} in {shards!r}")
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if max_samples is not None:
-        feats, labels = feats[:max_samples], labels[:max_samples]
-    return feats, (labels[:, 0] if isinstance(label_key, str) else labels)
+    keys = [label_key] if isinstance(label_key, str) else list(label_key)
+    try:
+        f = extract(encoder, DatasetSpec(shards=shards, labels=tuple(keys), max_samples=max_samples or 0),
+                    batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    except EvalDataError as e:
+        raise ValueError(f"no usable samples with label {label_key!r} in {shards!r} ({e})") from e
+    labels = torch.stack([f.labels[k] for k in keys], dim=1)
+    return f.feats, (labels[:, 0] if isinstance(label_key, str) else labels)
 
 
 def knn_classify(train_feats, train_labels, test_feats, *, k: int = 20, temperature: float = 0.07,

@@ -111,22 +111,27 @@ def _labels_of(feats, names, dataset):
     return {n: feats.labels[n] for n in names}
 
 
-def run_knn(runs, args, F):
-    from fastenc.eval.knn import knn_accuracy
-
+def _per_label(runs, args, F, evaluate):
+    """{run: {label: evaluate(train_x, train_y, test_x, test_y, num_classes)}} over the protocol's labels; samples
+    whose label is -1 (attribute absent, e.g. no word written) are left out of that label's evaluation."""
     out = {}
     for run in runs:
         tr, te = F.get(run, args["train"]), F.get(run, args["test"])
-        names = args.get("labels") or list(tr.labels)
         res = {}
-        for name, ytr in _labels_of(tr, names, args["train"]).items():
+        for name, ytr in _labels_of(tr, args.get("labels") or list(tr.labels), args["train"]).items():
             yte = _labels_of(te, [name], args["test"])[name]
-            keep_tr, keep_te = ytr >= 0, yte >= 0  # -1: attribute absent (e.g. no word)
-            C = int(max(ytr.max(), yte.max())) + 1
-            res[name] = knn_accuracy(tr.feats[keep_tr], ytr[keep_tr], te.feats[keep_te], yte[keep_te],
-                                     k=args.get("k", 20), temperature=args.get("temperature", 0.07), num_classes=C)
+            keep_tr, keep_te = ytr >= 0, yte >= 0
+            res[name] = evaluate(tr.feats[keep_tr], ytr[keep_tr], te.feats[keep_te], yte[keep_te],
+                                 int(max(ytr.max(), yte.max())) + 1)
         out[run.name] = res
     return out
+
+
+def run_knn(runs, args, F):
+    from fastenc.eval.knn import knn_accuracy
+
+    return _per_label(runs, args, F, lambda xtr, ytr, xte, yte, C: knn_accuracy(
+        xtr, ytr, xte, yte, k=args.get("k", 20), temperature=args.get("temperature", 0.07), num_classes=C))
 
 
 def run_linear_probe(runs, args, F):
@@ -134,24 +139,16 @@ def run_linear_probe(runs, args, F):
 
     kw = {k: args[k] for k in ("epochs", "warmup_epochs", "search_epochs", "batch_size", "holdout_fraction", "seed")
           if k in args}
-    if "lrs" in args:
-        kw["lrs"] = [float(x) for x in args["lrs"]]
-    if "wds" in args:
-        kw["wds"] = [float(x) for x in args["wds"]]
-    out = {}
-    for run in runs:
-        tr, te = F.get(run, args["train"]), F.get(run, args["test"])
-        names = args.get("labels") or list(tr.labels)
-        res = {}
-        for name, ytr in _labels_of(tr, names, args["train"]).items():
-            yte = _labels_of(te, [name], args["test"])[name]
-            keep_tr, keep_te = ytr >= 0, yte >= 0
-            r = linear_probe(tr.feats[keep_tr], ytr[keep_tr], te.feats[keep_te], yte[keep_te],
-                             num_classes=int(max(ytr.max(), yte.max())) + 1, **kw)
-            res[name] = {"best_accuracy": r.best_accuracy, "final_accuracy": r.final_accuracy, "lr": r.lr,
-                         "weight_decay": r.weight_decay, "best_epoch": r.best_epoch}
-        out[run.name] = res
-    return out
+    for key in ("lrs", "wds"):
+        if key in args:
+            kw[key] = [float(x) for x in args[key]]
+
+    def probe(xtr, ytr, xte, yte, C):
+        r = linear_probe(xtr, ytr, xte, yte, num_classes=C, **kw)
+        return {"best_accuracy": r.best_accuracy, "final_accuracy": r.final_accuracy, "lr": r.lr,
+                "weight_decay": r.weight_decay, "best_epoch": r.best_epoch}
+
+    return _per_label(runs, args, F, probe)
 
 
 def _class_names(args, feats):
