@@ -160,15 +160,17 @@ def _class_names(args, feats):
     raise EvalDataError("zero_shot needs `class_names:` (or an image-folder dataset, whose folder names are used)")
 
 
+def _per_text_run(runs, args, F, evaluate):
+    """{run: evaluate(run, joint-space features of args["dataset"])} for runs with a text tower; the others are
+    recorded as not applicable."""
+    return {run.name: evaluate(run, F.get(run, args["dataset"], joint=True)) if run.has_text
+            else {"skipped": "no text tower"} for run in runs}
+
+
 def run_zero_shot(runs, args, F):
     from fastenc.eval.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_accuracy
 
-    out = {}
-    for run in runs:
-        if not run.has_text:
-            out[run.name] = {"skipped": "no text tower"}
-            continue
-        feats = F.get(run, args["dataset"], joint=True)
+    def evaluate(run, feats):
         label = args.get("label", "label")
         y = _labels_of(feats, [label], args["dataset"])[label]
         names = _class_names(args, feats)
@@ -176,26 +178,22 @@ def run_zero_shot(runs, args, F):
             raise EvalDataError(f"class-count mismatch: labels of {label!r} go up to {int(y.max())} but "
                                 f"{len(names)} class names are given")
         classes = class_text_embeddings(names, args.get("templates") or DEFAULT_TEMPLATES, run.encode_text)
-        out[run.name] = zero_shot_accuracy(feats.feats, y, classes)
-    return out
+        return zero_shot_accuracy(feats.feats, y, classes)
+
+    return _per_text_run(runs, args, F, evaluate)
 
 
 def run_retrieval(runs, args, F):
     from fastenc.eval.retrieval import retrieval_recall
 
-    out = {}
-    for run in runs:
-        if not run.has_text:
-            out[run.name] = {"skipped": "no text tower"}
-            continue
-        feats = F.get(run, args["dataset"], joint=True)
+    def evaluate(run, feats):
         if not feats.captions:
             raise EvalDataError(f"retrieval needs captions: set `captions: true` on dataset {args['dataset']!r}")
         # ties="expected": duplicate captions (common in the synthetic data) count as a random tie-break, not as
         # misses; on data with unique captions every choice gives the same numbers.
-        out[run.name] = retrieval_recall(feats.feats, run.encode_text(feats.captions),
-                                         ties=args.get("ties", "expected"))
-    return out
+        return retrieval_recall(feats.feats, run.encode_text(feats.captions), ties=args.get("ties", "expected"))
+
+    return _per_text_run(runs, args, F, evaluate)
 
 
 def run_pairs(runs, args, F, out_dir):
