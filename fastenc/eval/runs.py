@@ -2,6 +2,7 @@
 the text side (tokenizer, text tower, projections) to embed class prompts and captions.
 
     run = load_run("runs/clip_tiny")          # or load_run("export/encoder.safetensors")
+    base = load_run("init:runs/clip_tiny")    # the same run's weights before step 1: the untrained baseline
     run.encoder                               # the ViT (DINO: the teacher's backbone, as exported)
     run.encode_image(images) / run.encode_text(["a photo of a cat"])   # shared embedding space, L2-normalized
     run.has_text                              # False for DINO and for bare encoder files
@@ -24,8 +25,8 @@ from fastenc.eval.features import EvalDataError, encoder_checkpoint
 class EvalRun:
     name: str
     source: str
-    checkpoint: str
-    """The encoder file (part of the feature-cache key)."""
+    checkpoint: str | None
+    """The encoder file (part of the feature-cache key; None: features are not cached)."""
     encoder: torch.nn.Module
     objective: object = None
     """The image-text objective (CLIP/SigLIP) with its trained weights, or None."""
@@ -65,10 +66,19 @@ class EvalRun:
         return self.objective.encode_image(images)
 
 
+INIT = "init:"
+
+
 def load_run(source: str, *, name: str | None = None) -> EvalRun:
-    """A run dir (config.yaml + export/) or an encoder .safetensors file, ready for evaluation (eval mode, CPU)."""
+    """A run dir (config.yaml + export/) or an encoder .safetensors file, ready for evaluation (eval mode, CPU).
+
+    "init:RUN_DIR" (or "init:RECIPE.yaml") is that run's initial weights, named "<run.name>@init": what every
+    protocol gives before training, the baseline that says what training added (random ViT features already
+    carry color, for example)."""
     from fastenc.eval.knn import load_exported_encoder
 
+    if source.startswith(INIT):
+        return _load_init(source, name)
     checkpoint = encoder_checkpoint(source)
     encoder = load_exported_encoder(checkpoint)
     if not os.path.isdir(source):
@@ -85,6 +95,35 @@ def load_run(source: str, *, name: str | None = None) -> EvalRun:
                   metrics_path=metrics if os.path.isfile(metrics) else None)
     if cfg.objective.name in ("clip", "siglip"):
         run.objective = _load_objective(cfg, os.path.join(source, "export", "objective.safetensors"))
+    return run
+
+
+def _load_init(source: str, name: str | None) -> EvalRun:
+    """The objective exactly as the trainer builds it before step 1 (same seed, same construction order)."""
+    from fastenc.config import ConfigError
+    from fastenc.objectives import build_objective
+    from fastenc.study import load_run_or_recipe
+
+    path = source[len(INIT):]
+    try:
+        cfg = load_run_or_recipe(path)
+    except ConfigError as e:
+        raise EvalDataError(f"{source!r}: {e} (init: takes a run dir or a recipe YAML)") from e
+    if cfg.objective.name in ("clip", "siglip") and not os.path.isfile(cfg.objective.tokenizer):
+        raise EvalDataError(f"{source!r}: the run's tokenizer {cfg.objective.tokenizer!r} is not there")
+    rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(cfg.run.seed)  # as fastenc.engine.trainer.train does right before build_objective
+        objective = build_objective(cfg).eval()
+    finally:
+        torch.random.set_rng_state(rng)
+    encoder = objective.get_submodule(objective.export_prefix.rstrip("."))
+    # Cache key: a run dir's config.yaml is fully resolved (seed included); a recipe may inherit bases that change
+    # without it, so its features are not cached.
+    recorded = os.path.join(path, "config.yaml")
+    run = EvalRun(name or f"{cfg.run.name}@init", source, recorded if os.path.isdir(path) else None, encoder.eval())
+    if cfg.objective.name in ("clip", "siglip"):
+        run.objective = objective
     return run
 
 

@@ -127,6 +127,19 @@ def _per_label(runs, args, F, evaluate):
     return out
 
 
+def majority_baseline(runs, args, F) -> dict:
+    """{label: accuracy of always answering the test split's most frequent class}: the floor a table is read
+    against (the synthetic attributes are not uniform: word_id, for one, counts only images with a word)."""
+    import torch
+
+    te = F.get(runs[0], args["test"])
+    out = {}
+    for name, y in _labels_of(te, args.get("labels") or list(te.labels), args["test"]).items():
+        y = y[y >= 0]
+        out[name] = float(torch.bincount(y).max() / len(y)) if len(y) else float("nan")
+    return out
+
+
 def run_knn(runs, args, F):
     from fastenc.eval.knn import knn_accuracy
 
@@ -270,11 +283,28 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
             res = {"knn": run_knn, "linear_probe": run_linear_probe, "zero_shot": run_zero_shot,
                    "retrieval": run_retrieval}[proto](runs, args, F)
         results["protocols"][proto] = {"args": args, "results": res, "seconds": round(time.time() - start, 1)}
+        if proto in ("knn", "linear_probe"):
+            results["protocols"][proto]["majority"] = majority_baseline(runs, args, F)
+    _attribute_figure(results, out_dir)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=_jsonable)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(render_report(results))
     return results
+
+
+def _attribute_figure(results: dict, out_dir: str) -> None:
+    """attributes.png: k-NN and linear-probe accuracy per attribute per run, against the majority class."""
+    from fastenc.analysis.curves import plot_attribute_accuracy
+
+    protos = {p: e for p, e in results["protocols"].items() if p in ("knn", "linear_probe")}
+    if not protos:
+        return
+    tables = {p: {run: {lab: (v["best_accuracy"] if isinstance(v, dict) else v) for lab, v in r.items()}
+                  for run, r in e["results"].items()} for p, e in protos.items()}
+    baseline = {lab: v for e in protos.values() for lab, v in (e.get("majority") or {}).items()}
+    plot_attribute_accuracy(tables, os.path.join(out_dir, "attributes.png"), baseline=baseline)
+    results["figures"] = {"attributes": "attributes.png"}
 
 
 def _jsonable(x):
@@ -295,6 +325,8 @@ def render_report(results: dict) -> str:
     """report.md: one table per protocol (accuracies in %), figures linked."""
     lines = [f"# Evaluation: {results['suite']}", "", "| run | source |", "| --- | --- |"]
     lines += [f"| {n} | `{s}` |" for n, s in results["runs"].items()]
+    if "attributes" in results.get("figures", {}):
+        lines += ["", f"![accuracy per attribute]({results['figures']['attributes']})"]
     for proto, entry in results["protocols"].items():
         res = entry["results"]
         lines += ["", f"## {proto}", ""]
@@ -305,8 +337,12 @@ def render_report(results: dict) -> str:
                 cells = [(r[lab]["best_accuracy"] if isinstance(r.get(lab), dict) else r.get(lab, "-"))
                          for lab in labels]
                 lines.append(f"| {run} | " + " | ".join(_fmt(c) for c in cells) + " |")
+            if "majority" in entry:
+                lines.append("| *majority class* | " + " | ".join(_fmt(entry["majority"].get(lab, "-"))
+                                                               for lab in labels) + " |")
             lines.append("")
-            lines.append("top-1 accuracy, % (linear probe: best over epochs, the paper's report)")
+            lines.append("top-1 accuracy on the test split, % (linear probe: best over epochs, the paper's report; "
+                         "majority class: always answering the most frequent test class)")
         elif proto in ("zero_shot", "retrieval"):
             keys = sorted({k for r in res.values() for k in r if k != "skipped"})
             lines += ["| run | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from fastenc.cli import main
@@ -54,10 +55,12 @@ def _suite(tmp_path, tiny_data, **changes):  # noqa: F811
 
 def test_suite_runs_every_protocol_and_writes_the_report(runs, tiny_data, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    assert main(["eval", *runs, "--suite", _suite(tmp_path, tiny_data), "--out", str(out)]) == 0
+    assert main(["eval", *runs, "init:" + runs[0], "--suite", _suite(tmp_path, tiny_data), "--out", str(out)]) == 0
     res = json.load(open(out / "results.json"))
     p = res["protocols"]
-    assert set(res["runs"]) == {"clip_tiny", "dino_tiny"}
+    assert set(res["runs"]) == {"clip_tiny", "dino_tiny", "clip_tiny@init"}
+    assert set(p["knn"]["results"]["clip_tiny@init"]) == {"category_id", "color_id", "word_id"}
+    assert "top1" in json.dumps(p["zero_shot"]["results"]["clip_tiny@init"]).lower().replace("@", "")
     for run in ("clip_tiny", "dino_tiny"):
         assert set(p["knn"]["results"][run]) == {"category_id", "color_id", "word_id"}
         assert 0 <= p["linear_probe"]["results"][run]["color_id"]["best_accuracy"] <= 1
@@ -68,7 +71,18 @@ def test_suite_runs_every_protocol_and_writes_the_report(runs, tiny_data, tmp_pa
     report = open(out / "report.md").read()
     for section in ("## knn", "## linear_probe", "## zero_shot", "## retrieval", "## pairs", "## loss_curves"):
         assert section in report
-    assert os.path.isfile(out / "loss_curves.png")
+    assert os.path.isfile(out / "loss_curves.png") and os.path.isfile(out / "attributes.png")
+    assert "![accuracy per attribute](attributes.png)" in report
+    # the majority-class floor: computed from the test labels, and one row of each accuracy table
+    from fastenc.eval.features import DatasetSpec, extract
+    from fastenc.eval.runs import load_run
+
+    y = extract(load_run(runs[0]).encoder, DatasetSpec(shards=f"{tiny_data['shards']}/shard-00003.tar",
+                                                       labels=("color_id",), max_samples=96)).labels["color_id"]
+    expected = torch.bincount(y[y >= 0]).max().item() / int((y >= 0).sum())
+    assert p["knn"]["majority"]["color_id"] == pytest.approx(expected)
+    assert p["linear_probe"]["majority"] == {"color_id": pytest.approx(expected)}
+    assert report.count("| *majority class* |") == 2
     assert any(f.endswith(".png") and "pair" in f for f in os.listdir(out))
     # features were cached: a second run reads them
     assert os.listdir(out / "feature_cache")
@@ -91,3 +105,29 @@ def test_clear_errors(runs, tiny_data, tmp_path):  # noqa: F811
         run_suite([str(tmp_path / "unfinished")], _suite(tmp_path, tiny_data), str(tmp_path / "o4"))
     assert main(["eval", str(tmp_path / "unfinished"), "--suite", _suite(tmp_path, tiny_data), "--out",
                  str(tmp_path / "o5")]) == 2
+
+
+@pytest.mark.parametrize("recipe", ["clip", "dino"])
+def test_init_baseline_is_the_runs_weights_before_step_1(recipe, tiny_data, tmp_path):  # noqa: F811
+    """init:RUN_DIR rebuilds the run's initial weights: a run trained with lr 0 exports exactly them (DINO: its
+    teacher, which the EMA of an unchanged student leaves in place up to rounding)."""
+    from fastenc.eval.runs import load_run
+
+    extra = ("schedule.steps=1", "schedule.warmup_steps=0", "optim.lr=0.0", f"run.name={recipe}_lr0")
+    overrides = (tiny_overrides(tiny_data, tmp_path, *extra) if recipe == "clip"
+                 else _dino_overrides(tiny_data, tmp_path, *extra))
+    run_dir = train_isolated(f"configs/cpu/{recipe}_tiny.yaml", overrides).run_dir
+    trained, init = load_run(run_dir), load_run("init:" + run_dir)
+    assert init.name == f"{recipe}_lr0@init" and init.has_text == (recipe == "clip")
+    a, b = trained.encoder.state_dict(), init.encoder.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6 if recipe == "dino" else 0, msg=k)
+    # deterministic, and the run's own seed: the same config with another seed gives other weights
+    assert all(torch.equal(load_run("init:" + run_dir).encoder.state_dict()[k], b[k]) for k in b)
+    cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    cfg["run"]["seed"] += 1
+    (tmp_path / "reseeded").mkdir()
+    (tmp_path / "reseeded" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    other = load_run("init:" + str(tmp_path / "reseeded")).encoder.state_dict()
+    assert not torch.equal(other["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
