@@ -49,7 +49,7 @@ def plot_attribute_accuracy(tables: dict[str, dict[str, dict[str, float]]], out_
             if baseline and a in baseline:
                 ax.hlines(100 * baseline[a], j - 0.45, j + 0.45, colors="k", linestyles="--", linewidth=1,
                           label="majority class" if j == 0 else None)
-        ax.set_xticks(range(len(attrs)), [a.removesuffix("_id") for a in attrs])
+        ax.set_xticks(range(len(attrs)), [a.replace("_id", "").replace(":", " ") for a in attrs])
         ax.set_ylim(0, 100)
         ax.set_ylabel("top-1 accuracy, %")
         ax.set_title(proto.replace("_", " "))

@@ -4,7 +4,8 @@ Datasets (`dataset_from_spec`):
     ImageFolder    root/<class>/<image>: one subfolder per class (the ImageNet layout); labels {"label": class
                    index}, class names from the sorted folder names (or a `classes` file, one name per line).
     Shards         webdataset shards; labels are integer fields of each sample's .json (e.g. category_id, color_id,
-                   style_id, word_id; -1 stays -1 = "absent"), captions from .txt when asked for.
+                   style_id, word_id; -1 stays -1 = "absent"; "FIELD:present" is 1 where FIELD is set and >= 0,
+                   else 0: "word_id:present" = an image has a word), captions from .txt when asked for.
 Both read with the evaluation transform (resize the shorter side + center crop, ImageTextSpec(train=False)) in one
 ordered pass (no shuffling), so features line up with labels and captions.
 
@@ -119,6 +120,16 @@ class _ShardSample:
     def __init__(self, image_size: int, label_keys: list[str], captions: bool):
         self.transform = image_transform(image_size, train=False)
         self.label_keys, self.captions = list(label_keys), captions
+        self.fields = [k.partition(":")[0] for k in self.label_keys]
+        for k in self.label_keys:
+            if k.partition(":")[2] not in ("", "present"):
+                raise EvalDataError(f"label {k!r}: the only derived label is FIELD:present (e.g. word_id:present)")
+
+    @staticmethod
+    def _value(meta: dict, key: str) -> int:
+        field, _, derived = key.partition(":")
+        v = -1 if meta[field] is None else int(meta[field])
+        return int(v >= 0) if derived == "present" else v
 
     def __call__(self, sample: dict) -> dict:
         where, ext = locate_image(sample)
@@ -127,10 +138,10 @@ class _ShardSample:
             if "json" not in sample:
                 raise CorruptSample(f"{where} has no .json with the labels {self.label_keys}")
             meta = json.loads(sample["json"])
-            missing = [k for k in self.label_keys if k not in meta]
+            missing = [k for k in self.fields if k not in meta]
             if missing:
                 raise CorruptSample(f"{where}: .json has no {missing[0]!r} (it has: {', '.join(sorted(meta))})")
-            out["labels"] = torch.tensor([int(meta[k]) if meta[k] is not None else -1 for k in self.label_keys])
+            out["labels"] = torch.tensor([self._value(meta, k) for k in self.label_keys])
         else:
             out["labels"] = torch.zeros(0, dtype=torch.long)
         if self.captions:

@@ -52,6 +52,11 @@ def test_shards_labels_captions_and_limit(encoder, shards):
     assert f.feats.shape == (40, 64) and len(f.captions) == 40 and len(f.ids) == 40
     assert set(f.labels) == {"category_id", "word_id"} and (f.labels["word_id"] == -1).any()  # -1: no word
     assert f.ids[0] == "shard-00000.tar:000000000"  # one ordered pass
+    p = extract(encoder, DatasetSpec(shards=shards, labels=("word_id:present",)), progress=None)
+    assert torch.equal(p.labels["word_id:present"], (f.labels["word_id"] >= 0).long())  # derived: has a word
+    assert 0 < int(p.labels["word_id:present"].sum()) < 40
+    with pytest.raises(EvalDataError, match="FIELD:present"):
+        extract(encoder, DatasetSpec(shards=shards, labels=("word_id:absent",)), progress=None)
     g = extract(encoder, DatasetSpec(shards=shards, labels=("category_id",), max_samples=10), progress=None)
     assert g.feats.shape == (10, 64) and torch.equal(g.feats, f.feats[:10])
 
