@@ -225,7 +225,10 @@ def run_pairs(runs, args, F, out_dir):
 
 
 def _image_loader(dataset: DatasetSpec, ids):
-    """index -> PIL image of the evaluated sample (folders: its path; shards: read from its shard on demand)."""
+    """index -> PIL image of the evaluated sample (folders: its path; shards: one header scan per shard maps keys to
+    their image's byte range, then each image is one seek and read)."""
+    import functools
+
     from PIL import Image
 
     if dataset.folder:
@@ -236,13 +239,24 @@ def _image_loader(dataset: DatasetSpec, ids):
 
     urls = {os.path.basename(u): u for u in expand_shards(dataset.shards)}
 
+    @functools.lru_cache(maxsize=16)
+    def image_members(shard: str) -> dict:
+        out = {}
+        for key, members in iter_tar_samples(urls[shard], read=lambda k, e: False):
+            ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+            if ext is not None:
+                info = members[ext][0]
+                out[key] = (info.offset_data, info.size)
+        return out
+
     def load(i):
         shard, key = ids[i].rsplit(":", 1)
-        for k, members in iter_tar_samples(urls[shard], read=lambda kk, e: kk == key):
-            if k == key:
-                ext = next(e for e in IMAGE_EXTENSIONS if e in members)
-                return decode_image(members[ext][1])
-        raise EvalDataError(f"sample {ids[i]} not found")
+        if key not in image_members(shard):
+            raise EvalDataError(f"sample {ids[i]} not found")
+        offset, size = image_members(shard)[key]
+        with open(urls[shard], "rb") as f:
+            f.seek(offset)
+            return decode_image(f.read(size))
 
     return load
 

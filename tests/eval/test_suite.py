@@ -131,3 +131,29 @@ def test_init_baseline_is_the_runs_weights_before_step_1(recipe, tiny_data, tmp_
     (tmp_path / "reseeded" / "config.yaml").write_text(yaml.safe_dump(cfg))
     other = load_run("init:" + str(tmp_path / "reseeded")).encoder.state_dict()
     assert not torch.equal(other["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
+
+
+def test_pair_grid_image_loader_reads_the_right_samples(tiny_data):  # noqa: F811
+    """The shard loader seeks to each image through one header scan per shard; it must return the same pixels as a
+    full read of the tar, for any sample of any shard, and name a sample it cannot find."""
+    import numpy as np
+
+    from fastenc.data.index import iter_tar_samples
+    from fastenc.data.transforms import decode_image
+    from fastenc.eval.features import DatasetSpec
+    from fastenc.eval.suite import _image_loader
+
+    shards = [f"{tiny_data['shards']}/shard-0000{i}.tar" for i in (1, 2)]
+    expected, ids = [], []
+    for path in shards:
+        for n, (key, members) in enumerate(iter_tar_samples(path)):
+            if n in (0, 7, 127):
+                ids.append(f"{os.path.basename(path)}:{key}")
+                expected.append(np.asarray(decode_image(members["jpg"][1])))
+    spec = DatasetSpec(shards=f"{tiny_data['shards']}/shard-{{00001..00002}}.tar")
+    load = _image_loader(spec, ids + ["shard-00001.tar:nope"])
+    order = [5, 0, 3, 1, 4, 2]  # out of order, across shards
+    for i in order:
+        assert np.array_equal(np.asarray(load(i)), expected[i])
+    with pytest.raises(EvalDataError, match="nope not found"):
+        load(len(ids))
