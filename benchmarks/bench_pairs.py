@@ -2,13 +2,14 @@
 
     python benchmarks/bench_pairs.py                                   # N 100,000, D 256 (A) / 512 (B), M 2,000,000
     python benchmarks/bench_pairs.py --pairs 5000000 --dim-b 768       # any size
+    python benchmarks/bench_pairs.py --thresholds quantile             # per-encoder quantile cuts (one more pass)
     python benchmarks/bench_pairs.py --tiny                            # seconds: N 2,000, M 20,000 (CSV in a tmp dir)
 
 Data: random unit vectors, N per encoder, float32. By default they are drawn around planted cluster centres (A:
 --clusters-a category values, B: --clusters-b color values, noise of norm --noise) so that both disagreement
 sides have thousands of passing pairs and the selection, top-k and attribute-sharing paths all do real work;
 --plain draws i.i.d. unit vectors instead (then no pair passes the paper's thresholds). The measured call is
-analyze_pairs(mode="sample", unique pairs, paper thresholds, top 100 per side, attributes category and color,
+analyze_pairs(mode="sample", unique pairs, paper thresholds (or --thresholds quantile), top 100 per side, attributes category and color,
 no images, no out_dir): sampling the M pairs and one streaming pass over them.
 
 Memory: VmHWM (this process's resident high-water mark, reset through /proc/self/clear_refs just before the call)
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--clusters-b", type=int, default=20, help="planted color values seen by B")
     p.add_argument("--noise", type=float, default=0.45, help="norm of the noise around a cluster centre")
     p.add_argument("--plain", action="store_true", help="i.i.d. random unit vectors, no planted clusters")
+    p.add_argument("--thresholds", choices=("paper", "quantile"), default="paper",
+                   help="analyze_pairs thresholds: the paper's cuts, or per-encoder quantiles (QuantileThresholds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=harness.usable_cores())
     p.add_argument("--tiny", action="store_true", help="smoke run: N 2000, M 20000, no idle wait, CSV in a tmp dir")
@@ -111,26 +114,26 @@ def main(argv=None) -> int:
     chunk_bytes = int(args.chunk_mb * 2**20) if args.chunk_mb else DEFAULT_CHUNK_BYTES
     args.chunk_mb = chunk_bytes / 2**20
     bound_mb = memory_bound_bytes(n, args.dim_a, args.dim_b, args.pairs, chunk_bytes=chunk_bytes, max_pairs=100,
-                                  num_attributes=len(attrs)) / 2**20
+                                  num_attributes=len(attrs), quantiles=args.thresholds == "quantile") / 2**20
     env = harness.env_fields()
     foreign_before = harness.wait_for_idle(args.wait_idle) if args.wait_idle > 0 else float("nan")
 
     # warm-up on a few images: library code paged in on first use (BLAS kernels, sort) is not the analysis's memory
     analyze_pairs(fa[:500], fb[:500], attributes={k: v[:500] for k, v in attrs.items()}, num_pairs=5000,
-                  mode="sample", chunk_bytes=chunk_bytes)
+                  mode="sample", chunk_bytes=chunk_bytes, thresholds=args.thresholds)
     gc.collect()
     base_mb = rss_mb()
     harness.reset_peak_rss()
     with harness.CpuMonitor() as mon:
         res = analyze_pairs(fa, fb, names=("a", "b"), attributes=attrs, num_pairs=args.pairs, mode="sample",
-                            seed=args.seed, chunk_bytes=chunk_bytes)
+                            seed=args.seed, chunk_bytes=chunk_bytes, thresholds=args.thresholds)
     peak_mb = harness.peak_rss_mb()
     extra_mb = peak_mb - base_mb
     features_mb = (fa.numel() + fb.numel()) * 4 / 2**20
     sh = res["sharing"]
     row = {"timestamp": harness.utc_now(), "bench": "bench_pairs", "tiny": int(args.tiny), "images": n,
            "pairs": args.pairs, "dim_a": args.dim_a, "dim_b": args.dim_b, "plain": int(args.plain),
-           "chunk_mb": args.chunk_mb, "threads": args.threads,
+           "chunk_mb": args.chunk_mb, "thresholds": args.thresholds, "threads": args.threads,
            "sample_s": res["timing_s"]["sample"], "scan_s": res["timing_s"]["scan"],
            "total_s": res["timing_s"]["total"], "pairs_per_s": args.pairs / res["timing_s"]["total"],
            "features_mb": features_mb, "base_rss_mb": base_mb, "peak_rss_mb": peak_mb, "extra_peak_mb": extra_mb,

@@ -79,11 +79,16 @@ class PairThresholds:
                 raise ValueError(f"threshold {hi}={getattr(self, hi)} is below {lo}={getattr(self, lo)}: an encoder's "
                                  f"'high' cut must not be under its 'low' cut (the two sides could then overlap)")
 
-    def describe(self, names: Sequence[str] = ("a", "b")) -> dict:
-        """Human-readable criteria per side, keyed "<a>_high" / "<b>_high"."""
+    def describe(self, names: Sequence[str] = ("a", "b"), quantiles: "QuantileThresholds | None" = None) -> dict:
+        """Human-readable criteria per side, keyed "<a>_high" / "<b>_high" (with the quantiles the cuts came from)."""
         a, b = names
-        return {f"{a}_high": f"cos_{a} > {self.a_high:g} and cos_{b} < {self.b_low:g}",
-                f"{b}_high": f"cos_{b} > {self.b_high:g} and cos_{a} < {self.a_low:g}"}
+
+        def cut(field):
+            v = f"{getattr(self, field):.4g}" if quantiles else f"{getattr(self, field):g}"
+            return v + (f" (q{getattr(quantiles, field):g})" if quantiles else "")
+
+        return {f"{a}_high": f"cos_{a} > {cut('a_high')} and cos_{b} < {cut('b_low')}",
+                f"{b}_high": f"cos_{b} > {cut('b_high')} and cos_{a} < {cut('a_low')}"}
 
 
 PAPER_THRESHOLDS = PairThresholds()
@@ -91,7 +96,58 @@ STRICT_THRESHOLDS = PairThresholds(a_high=0.9, b_low=0.5, b_high=0.95, a_low=0.2
 _PRESETS = {"paper": PAPER_THRESHOLDS, "strict": STRICT_THRESHOLDS}
 
 
-def as_thresholds(thresholds: PairThresholds | Mapping[str, float] | str | None) -> PairThresholds:
+@dataclasses.dataclass(frozen=True)
+class QuantileThresholds:
+    """The same criteria with each cut given as a quantile of that encoder's own cosine distribution over the
+    pairs (e.g. a_high=0.95: the top 5 % of pairs under A), for encoders whose cosine scales differ: a small ViT's
+    CLS features can sit at cosine 0.6-1.0 for every pair, where the paper's absolute cuts select nothing.
+    `resolve` turns them into absolute PairThresholds from a sample of pair cosines (analyze_pairs: the first
+    QUANTILE_PAIRS pairs of the scan, or a seeded sample of that size when every pair is scanned)."""
+
+    a_high: float = 0.95
+    b_low: float = 0.5
+    b_high: float = 0.95
+    a_low: float = 0.5
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            v = getattr(self, field.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+                raise ValueError(f"quantile {field.name}={v!r}: must be in [0, 1]")
+            object.__setattr__(self, field.name, float(v))
+        for hi, lo in (("a_high", "a_low"), ("b_high", "b_low")):
+            if getattr(self, hi) < getattr(self, lo):
+                raise ValueError(f"quantile {hi}={getattr(self, hi)} is below {lo}={getattr(self, lo)}")
+
+    def resolve(self, cos_a: torch.Tensor, cos_b: torch.Tensor) -> PairThresholds:
+        """Absolute cuts: the quantiles of cos_a (a_high, a_low) and cos_b (b_high, b_low), float64."""
+        if cos_a.numel() == 0:
+            raise ValueError("quantile thresholds need at least one pair to estimate the cosine quantiles from")
+        qa = torch.quantile(cos_a.double(), torch.tensor([self.a_high, self.a_low], dtype=torch.float64))
+        qb = torch.quantile(cos_b.double(), torch.tensor([self.b_high, self.b_low], dtype=torch.float64))
+        return PairThresholds(a_high=float(qa[0]), a_low=float(qa[1]), b_high=float(qb[0]), b_low=float(qb[1]))
+
+
+QUANTILE_PAIRS = 1 << 20  # pairs whose cosines estimate QuantileThresholds (quantile error ~ 1e-3 in rank)
+
+
+def as_thresholds(thresholds) -> PairThresholds | QuantileThresholds:
+    """A PairThresholds from itself, a preset name ("paper", "strict"), or a mapping of the fields to change; a
+    QuantileThresholds from itself, "quantile" (its defaults) or {"quantile": {fields to change}}."""
+    if isinstance(thresholds, QuantileThresholds) or thresholds == "quantile":
+        return QuantileThresholds() if thresholds == "quantile" else thresholds
+    if isinstance(thresholds, Mapping) and set(thresholds) == {"quantile"}:
+        q = thresholds["quantile"] or {}
+        if not isinstance(q, Mapping):
+            raise ValueError(f"thresholds {{quantile: ...}} takes a mapping of quantiles, got {q!r}")
+        known = {f.name for f in dataclasses.fields(QuantileThresholds)}
+        if set(q) - known:
+            raise ValueError(f"unknown quantile field(s) {sorted(set(q) - known)} (known: {sorted(known)})")
+        return QuantileThresholds(**q)
+    return _as_absolute(thresholds)
+
+
+def _as_absolute(thresholds: PairThresholds | Mapping[str, float] | str | None) -> PairThresholds:
     """A PairThresholds from itself, a preset name ("paper", "strict"), or a mapping of the fields to change."""
     if thresholds is None:
         return PAPER_THRESHOLDS
@@ -99,13 +155,13 @@ def as_thresholds(thresholds: PairThresholds | Mapping[str, float] | str | None)
         return thresholds
     if isinstance(thresholds, str):
         if thresholds not in _PRESETS:
-            raise ValueError(f"unknown threshold preset {thresholds!r} (known: {', '.join(_PRESETS)})")
+            raise ValueError(f"unknown threshold preset {thresholds!r} (known: {', '.join(_PRESETS)}, quantile)")
         return _PRESETS[thresholds]
     if isinstance(thresholds, Mapping):
         known = {f.name for f in dataclasses.fields(PairThresholds)}
         unknown = sorted(set(thresholds) - known)
         if unknown:
-            raise ValueError(f"unknown threshold field(s) {unknown} (known: {sorted(known)})")
+            raise ValueError(f"unknown threshold field(s) {unknown} (known: {sorted(known)}, or {{quantile: ...}})")
         return PairThresholds(**thresholds)
     raise ValueError(f"thresholds must be a PairThresholds, a preset name or a mapping, "
                      f"not {type(thresholds).__name__}")
@@ -390,6 +446,9 @@ class PairSelector:
                  max_pairs: int = 100, dtype: torch.dtype = torch.float64):
         if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0:
             raise ValueError(f"max_pairs must be a non-negative integer, got {max_pairs!r}")
+        if isinstance(as_thresholds(thresholds), QuantileThresholds):
+            raise ValueError("PairSelector needs absolute cuts: resolve quantile thresholds first "
+                             "(QuantileThresholds.resolve, or scan_pairs / analyze_pairs, which do it)")
         self.thresholds = as_thresholds(thresholds)
         self.max_pairs, self.num_pairs = max_pairs, 0
         self._a, self._b = _RunningTop(max_pairs, dtype), _RunningTop(max_pairs, dtype)
@@ -589,16 +648,40 @@ class PairScan:
     stats: dict
     sharing: dict
     attributes: dict[str, torch.Tensor]
+    quantiles: QuantileThresholds | None = None
+    """The requested quantiles when `thresholds` were resolved from them."""
+
+
+def resolve_quantiles(feats_a, feats_b, pairs, quantiles: QuantileThresholds, *,
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PairThresholds:
+    """Absolute cuts from the cosine quantiles of at most QUANTILE_PAIRS pairs: every k-th of `pairs` (a random
+    sample, sorted by (i, j), so an even stride covers every row), or, with pairs=None (every pair is scanned), all
+    pairs when there are at most QUANTILE_PAIRS, else a seeded uniform sample of QUANTILE_PAIRS of them."""
+    n = feats_a.shape[0]
+    if pairs is not None:
+        pairs = torch.as_tensor(pairs)
+        est = pairs[::max(1, -(-pairs.shape[0] // QUANTILE_PAIRS))]
+    elif num_unordered_pairs(n) <= QUANTILE_PAIRS:
+        est = None
+    else:
+        est = sample_pairs(n, QUANTILE_PAIRS, seed=0)
+    parts = list(iter_pair_cosines(feats_a, feats_b, est, chunk_bytes=chunk_bytes))
+    return quantiles.resolve(torch.cat([p[2] for p in parts]) if parts else torch.empty(0),
+                             torch.cat([p[3] for p in parts]) if parts else torch.empty(0))
 
 
 def scan_pairs(feats_a, feats_b, pairs=None, *, thresholds: PairThresholds | Mapping | str | None = None,
                max_pairs: int = 100, attributes: Mapping[str, object] | None = None,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PairScan:
     """One streaming pass over the given pairs (or all pairs i < j when pairs is None): the selection of both
-    sides, attribute sharing of every pair set, and the cosines' mean / std / correlation over all pairs."""
+    sides, attribute sharing of every pair set, and the cosines' mean / std / correlation over all pairs. Quantile
+    thresholds are resolved first (resolve_quantiles: one more pass over at most QUANTILE_PAIRS pairs)."""
     a, b = check_features(feats_a, feats_b)
     n = a.shape[0]
-    thresholds = as_thresholds(thresholds)
+    thresholds, quantiles = as_thresholds(thresholds), None
+    if isinstance(thresholds, QuantileThresholds):
+        quantiles = thresholds
+        thresholds = resolve_quantiles(a, b, pairs, quantiles, chunk_bytes=chunk_bytes)
     attrs = check_attributes(attributes, n)
     dtype = torch.promote_types(_compute_dtype(a), _compute_dtype(b))
     selector = PairSelector(thresholds, max_pairs=max_pairs, dtype=dtype)
@@ -626,12 +709,12 @@ def scan_pairs(feats_a, feats_b, pairs=None, *, thresholds: PairThresholds | Map
             counter.add(key, top[:, 0], top[:, 1])
     table = counter.table()
     sharing = {s: table[s] for s in _SETS if s in table}
-    return PairScan(n, m, pairs is None, thresholds, sel.a_high, sel.b_high, stats, sharing, attrs)
+    return PairScan(n, m, pairs is None, thresholds, sel.a_high, sel.b_high, stats, sharing, attrs, quantiles)
 
 
 def memory_bound_bytes(num_images: int, dim_a: int, dim_b: int, num_pairs: int, *, exhaustive: bool = False,
                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_pairs: int = 100, num_attributes: int = 0,
-                       itemsize: int = 4) -> int:
+                       itemsize: int = 4, quantiles: bool = False) -> int:
     """Upper estimate of the memory analyze_pairs needs beyond its input features (and the torch runtime), for
     features of `itemsize` bytes per value (4: float32).
 
@@ -643,18 +726,24 @@ def memory_bound_bytes(num_images: int, dim_a: int, dim_b: int, num_pairs: int, 
     exhaustive mode: a row block (chunk_bytes at 64 bytes per pair) plus the same per-pair temporaries for its
     pairs. Both add [N] vectors (inverse norms; 8 bytes per image and attribute), the kept top pairs, and
     allocator slack (one more chunk_bytes and 16 MiB: freed blocks are not always reused at once).
+    quantiles (QuantileThresholds): a first pass over q = min(M, QUANTILE_PAIRS) pairs keeps their cosines and the
+    quantile's float64 copies (40 bytes per pair; exhaustive mode also samples them, 48 + 16 bytes per pair).
     benchmarks/bench_pairs.py compares this with the measured peak."""
     per_image = num_images * (2 * 8 + 8 * num_attributes)
     kept = 4 * max_pairs * 64
     per_pair = _CONSUMER_BYTES_PER_PAIR + _CONSUMER_BYTES_PER_ATTRIBUTE * num_attributes
     slack = chunk_bytes + _ALLOCATOR_SLACK
+    rows = _pair_chunk_rows(max(dim_a, dim_b) * itemsize, chunk_bytes)
     if exhaustive:
         block_pairs = max(chunk_bytes // _EXHAUSTIVE_BYTES_PER_PAIR, num_images)
-        return per_image + chunk_bytes + block_pairs * per_pair + kept + slack
-    rows = _pair_chunk_rows(max(dim_a, dim_b) * itemsize, chunk_bytes)
+        scanning = chunk_bytes + block_pairs * per_pair
+        q = min(num_unordered_pairs(num_images), QUANTILE_PAIRS)
+        quantile = (64 + 40) * q + chunk_bytes + max(rows, block_pairs) * per_pair if quantiles else 0
+        return per_image + max(scanning, quantile) + kept + slack
     sampling = 48 * num_pairs
     scanning = 16 * num_pairs + chunk_bytes + rows * per_pair
-    return per_image + max(sampling, scanning) + kept + slack
+    quantile = 16 * num_pairs + 40 * min(num_pairs, QUANTILE_PAIRS) + chunk_bytes + rows * per_pair if quantiles else 0
+    return per_image + max(sampling, scanning, quantile) + kept + slack
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -818,7 +907,9 @@ def analyze_pairs(feats_a, feats_b, *, names: Sequence[str] = ("clip", "dino"),
 
     mode: "sample" (num_pairs random pairs, seeded, distinct when unique), "exhaustive" (all pairs i < j) or
     "auto" (exhaustive when N (N - 1) / 2 <= num_pairs, else sample). thresholds: PairThresholds, "paper" (the
-    default) or "strict", or a mapping of fields. attributes: {name: [N] int ids, -1 = absent} for the sharing
+    default) or "strict", or a mapping of fields; or per-encoder quantiles: "quantile", {"quantile": {...}} or a
+    QuantileThresholds (the cuts used are recorded in "thresholds", the quantiles in "quantiles"). attributes:
+    {name: [N] int ids, -1 = absent} for the sharing
     table. names label encoder A and B in keys and files (letters, digits, _ . -). With out_dir: pairs.json,
     sharing.md, and (with load_image) pairs_<a>_high.png and pairs_<b>_high.png."""
     t_start = time.perf_counter()
@@ -853,7 +944,8 @@ def analyze_pairs(feats_a, feats_b, *, names: Sequence[str] = ("clip", "dino"),
         "names": list(names), "num_images": n, "dims": [int(a.shape[1]), int(b.shape[1])],
         "mode": "exhaustive" if exhaustive else "sample", "num_pairs": scan.num_pairs,
         "seed": None if exhaustive else seed, "unique": None if exhaustive else unique,
-        "thresholds": dataclasses.asdict(thresholds), "criteria": thresholds.describe(names), "max_pairs": max_pairs,
+        "thresholds": dataclasses.asdict(scan.thresholds), "criteria": scan.thresholds.describe(names, scan.quantiles),
+        "quantiles": dataclasses.asdict(scan.quantiles) if scan.quantiles else None, "max_pairs": max_pairs,
         "cosine_stats": {"pairs": st["pairs"], **({f"mean_{an}": st["mean_a"], f"std_{an}": st["std_a"],
                                                     f"mean_{bn}": st["mean_b"], f"std_{bn}": st["std_b"],
                                                     "corr": st["corr"]} if st["pairs"] else {})},

@@ -1,6 +1,7 @@
 """Pairs two encoders disagree on (fastenc.analysis.pairs): sampling, streaming selection against brute force,
 attribute sharing on data with planted attributes, rendering, and input checks."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from fastenc.analysis.pairs import (
     STRICT_THRESHOLDS,
     PairSelector,
     PairThresholds,
+    QuantileThresholds,
     analyze_pairs,
     as_thresholds,
     attribute_sharing,
@@ -398,6 +400,54 @@ def test_analyze_writes_files(planted, tmp_path):
     res2 = analyze_pairs(fa[:n], fb[:n], num_pairs=500, mode="sample", out_dir=str(out2))
     assert sorted(os.listdir(out2)) == ["pairs.json", "sharing.md"] and "sharing" not in res2
     assert res2["num_pairs"] == 500 and "no attribute table" in (out2 / "sharing.md").read_text()
+
+
+def test_quantile_thresholds_resolve_from_the_pairs_cosines_then_select_like_absolute_cuts(grid_data, monkeypatch):
+    """Quantile cuts are each encoder's own cosine quantiles; the scan then selects exactly as with those absolute
+    cuts (checked against brute force). Exhaustive with few pairs: quantiles of all pairs; sampled: of an even
+    stride through the (sorted) sample, at most QUANTILE_PAIRS of them; exhaustive with many: a seeded sample."""
+    import fastenc.analysis.pairs as P
+
+    fa, fb = grid_data
+    n = fa.shape[0]
+    q = QuantileThresholds(a_high=0.9, b_low=0.4, b_high=0.8, a_low=0.3)
+    all_pairs = torch.triu_indices(n, n, 1).T
+    ca, cb = pair_cosines(fa, fb, all_pairs)
+    qa, qb = ca.double(), cb.double()
+    expect = PairThresholds(a_high=float(torch.quantile(qa, 0.9)), a_low=float(torch.quantile(qa, 0.3)),
+                            b_high=float(torch.quantile(qb, 0.8)), b_low=float(torch.quantile(qb, 0.4)))
+    scan = scan_pairs(fa, fb, None, thresholds={"quantile": dataclasses.asdict(q)}, max_pairs=50)
+    assert scan.quantiles == q and scan.thresholds == expect
+    ref = brute_force(fa, fb, all_pairs, expect, 50)
+    assert ref["a"]["count"] > 0 and ref["b"]["count"] > 0
+    assert_matches(scan.a_high, ref["a"])
+    assert_matches(scan.b_high, ref["b"])
+    # about the requested share of pairs passes each cut (a coarse grid of cosines: ties make it inexact)
+    assert 0.02 < float((ca > expect.a_high).double().mean()) <= 0.1 + 1e-9
+    # sampled pairs, more than QUANTILE_PAIRS of them: every k-th pair estimates the quantiles
+    monkeypatch.setattr(P, "QUANTILE_PAIRS", 1000)
+    pairs = sample_pairs(n, 4500, seed=3)
+    sub = pairs[::5]
+    assert sub.shape[0] == 900
+    sa, sb = pair_cosines(fa, fb, sub)
+    scan = scan_pairs(fa, fb, pairs, thresholds="quantile", max_pairs=10)
+    assert scan.thresholds == QuantileThresholds().resolve(sa, sb) and scan.num_pairs == 4500
+    # exhaustive with more pairs than QUANTILE_PAIRS: a seeded uniform sample (deterministic)
+    scan2 = scan_pairs(fa, fb, None, thresholds="quantile", max_pairs=10)
+    assert scan2.thresholds == QuantileThresholds().resolve(*pair_cosines(fa, fb, sample_pairs(n, 1000, seed=0)))
+    # analyze_pairs records both: the cuts used and the quantiles they came from
+    res = analyze_pairs(fa, fb, thresholds="quantile", num_pairs=4500, mode="sample", seed=3)
+    assert res["thresholds"] == dataclasses.asdict(scan.thresholds) and res["quantiles"]["a_high"] == 0.95
+    assert "(q0.95)" in res["criteria"]["clip_high"]
+    # errors
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
+        QuantileThresholds(a_high=1.5)
+    with pytest.raises(ValueError, match="a_high=0.2 is below a_low=0.5"):
+        as_thresholds({"quantile": {"a_high": 0.2}})
+    with pytest.raises(ValueError, match="unknown quantile field"):
+        as_thresholds({"quantile": {"clip_high": 0.9}})
+    with pytest.raises(ValueError, match="resolve quantile thresholds first"):
+        PairSelector("quantile")
 
 
 # ----------------------------------------------------------------------------------------------------------------
