@@ -11,7 +11,7 @@ from fastenc.utils.optional import require
 def plot_loss_curves(metrics_paths: list[str], out_png: str, *, labels: list[str] | None = None,
                      x: str = "samples_seen", y: str = "loss") -> str:
     """Plot `y` against `x` for each run; returns the PNG path (written atomically)."""
-    from fastenc.engine.logging import read_metrics
+    from fastenc.engine.logging import metrics_history
 
     mpl = require("matplotlib", "loss-curve plots")
     mpl.use("Agg")
@@ -20,7 +20,7 @@ def plot_loss_curves(metrics_paths: list[str], out_png: str, *, labels: list[str
     labels = labels or [os.path.basename(os.path.dirname(p)) for p in metrics_paths]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for path, label in zip(metrics_paths, labels):
-        rows = [r for r in read_metrics(path) if y in r and x in r]
+        rows = [r for r in metrics_history(path) if y in r and x in r]
         ax.plot([r[x] for r in rows], [r[y] for r in rows], label=label)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y)

@@ -101,8 +101,9 @@ class QuantileThresholds:
     """The same criteria with each cut given as a quantile of that encoder's own cosine distribution over the
     pairs (e.g. a_high=0.95: the top 5 % of pairs under A), for encoders whose cosine scales differ: a small ViT's
     CLS features can sit at cosine 0.6-1.0 for every pair, where the paper's absolute cuts select nothing.
-    `resolve` turns them into absolute PairThresholds from a sample of pair cosines (analyze_pairs: the first
-    QUANTILE_PAIRS pairs of the scan, or a seeded sample of that size when every pair is scanned)."""
+    `resolve` turns them into absolute PairThresholds from a sample of pair cosines (resolve_quantiles: at most
+    QUANTILE_PAIRS of the scanned pairs, an even stride through them, or a seeded sample of that size when every
+    pair is scanned and there are more)."""
 
     a_high: float = 0.95
     b_low: float = 0.5
@@ -123,8 +124,9 @@ class QuantileThresholds:
         """Absolute cuts: the quantiles of cos_a (a_high, a_low) and cos_b (b_high, b_low), float64."""
         if cos_a.numel() == 0:
             raise ValueError("quantile thresholds need at least one pair to estimate the cosine quantiles from")
-        qa = torch.quantile(cos_a.double(), torch.tensor([self.a_high, self.a_low], dtype=torch.float64))
-        qb = torch.quantile(cos_b.double(), torch.tensor([self.b_high, self.b_low], dtype=torch.float64))
+        # float32 cosines of near-identical images can round past 1: the cuts stay valid cosines
+        qa = torch.quantile(cos_a.double(), torch.tensor([self.a_high, self.a_low], dtype=torch.float64)).clamp(-1, 1)
+        qb = torch.quantile(cos_b.double(), torch.tensor([self.b_high, self.b_low], dtype=torch.float64)).clamp(-1, 1)
         return PairThresholds(a_high=float(qa[0]), a_low=float(qa[1]), b_high=float(qb[0]), b_low=float(qb[1]))
 
 
@@ -653,10 +655,10 @@ class PairScan:
 
 
 def resolve_quantiles(feats_a, feats_b, pairs, quantiles: QuantileThresholds, *,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PairThresholds:
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES, seed: int = 0) -> PairThresholds:
     """Absolute cuts from the cosine quantiles of at most QUANTILE_PAIRS pairs: every k-th of `pairs` (a random
     sample, sorted by (i, j), so an even stride covers every row), or, with pairs=None (every pair is scanned), all
-    pairs when there are at most QUANTILE_PAIRS, else a seeded uniform sample of QUANTILE_PAIRS of them."""
+    pairs when there are at most QUANTILE_PAIRS, else a uniform sample of QUANTILE_PAIRS of them drawn with `seed`."""
     n = feats_a.shape[0]
     if pairs is not None:
         pairs = torch.as_tensor(pairs)
@@ -664,7 +666,7 @@ def resolve_quantiles(feats_a, feats_b, pairs, quantiles: QuantileThresholds, *,
     elif num_unordered_pairs(n) <= QUANTILE_PAIRS:
         est = None
     else:
-        est = sample_pairs(n, QUANTILE_PAIRS, seed=0)
+        est = sample_pairs(n, QUANTILE_PAIRS, seed=seed)
     parts = list(iter_pair_cosines(feats_a, feats_b, est, chunk_bytes=chunk_bytes))
     return quantiles.resolve(torch.cat([p[2] for p in parts]) if parts else torch.empty(0),
                              torch.cat([p[3] for p in parts]) if parts else torch.empty(0))
@@ -672,7 +674,7 @@ def resolve_quantiles(feats_a, feats_b, pairs, quantiles: QuantileThresholds, *,
 
 def scan_pairs(feats_a, feats_b, pairs=None, *, thresholds: PairThresholds | Mapping | str | None = None,
                max_pairs: int = 100, attributes: Mapping[str, object] | None = None,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PairScan:
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, seed: int = 0) -> PairScan:
     """One streaming pass over the given pairs (or all pairs i < j when pairs is None): the selection of both
     sides, attribute sharing of every pair set, and the cosines' mean / std / correlation over all pairs. Quantile
     thresholds are resolved first (resolve_quantiles: one more pass over at most QUANTILE_PAIRS pairs)."""
@@ -681,7 +683,7 @@ def scan_pairs(feats_a, feats_b, pairs=None, *, thresholds: PairThresholds | Map
     thresholds, quantiles = as_thresholds(thresholds), None
     if isinstance(thresholds, QuantileThresholds):
         quantiles = thresholds
-        thresholds = resolve_quantiles(a, b, pairs, quantiles, chunk_bytes=chunk_bytes)
+        thresholds = resolve_quantiles(a, b, pairs, quantiles, chunk_bytes=chunk_bytes, seed=seed)
     attrs = check_attributes(attributes, n)
     dtype = torch.promote_types(_compute_dtype(a), _compute_dtype(b))
     selector = PairSelector(thresholds, max_pairs=max_pairs, dtype=dtype)
@@ -932,7 +934,7 @@ def analyze_pairs(feats_a, feats_b, *, names: Sequence[str] = ("clip", "dino"),
         pairs = sample_pairs(n, num_pairs, seed=seed, unique=unique)
     t_sampled = time.perf_counter()
     scan = scan_pairs(a, b, pairs, thresholds=thresholds, max_pairs=max_pairs, attributes=attrs,
-                      chunk_bytes=chunk_bytes)
+                      chunk_bytes=chunk_bytes, seed=seed)
     del pairs
     t_scanned = time.perf_counter()
 

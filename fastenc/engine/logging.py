@@ -68,3 +68,14 @@ class MetricsLogger:
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def metrics_history(path: str) -> list[dict]:
+    """The run's rows as one history: metrics.jsonl is appended to on resume, so steps logged after the checkpoint
+    a run resumed from appear twice; keep the last row of each step (the resumed run's), in step order. Rows
+    without a step (messages) are dropped."""
+    by_step = {}
+    for row in read_metrics(path):
+        if "step" in row:
+            by_step[row["step"]] = row
+    return [by_step[k] for k in sorted(by_step)]

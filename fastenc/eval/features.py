@@ -7,15 +7,24 @@ Datasets (`dataset_from_spec`):
                    style_id, word_id; -1 stays -1 = "absent"; "FIELD:present" is 1 where FIELD is set and >= 0,
                    else 0: "word_id:present" = an image has a word), captions from .txt when asked for.
 Both read with the evaluation transform (resize the shorter side + center crop, ImageTextSpec(train=False)) in one
-ordered pass (no shuffling), so features line up with labels and captions.
+pass in a deterministic order, so features line up with labels and captions. Image folders: sorted order. Shards:
+build_loader's fixed seeded permutation of the shard list (it has no unpermuted mode), each shard front to back.
 
 Features (`FeatureSpec`): the CLS token (pool="cls") or the mean of the patch tokens (pool="mean") of block `layer`
 (-1: the last), after the encoder's final LayerNorm (applied to intermediate blocks too, as DINO's and DINOv2's
-intermediate-layer evaluations do), L2-normalized unless normalize=False.
+intermediate-layer evaluations do), L2-normalized unless normalize=False. The final LayerNorm is `norm` on the
+tokens, or, for encoders that normalize after pooling (global_pool="avg": `norm` is Identity), `fc_norm` on the
+pooled vector, as their own forward_head does.
 
-Cache: `cache_dir/<key>.safetensors`, key = hash of (the checkpoint file's path, size and mtime, the dataset, the
-feature spec, the image size); written atomically, loaded without pickle. A changed checkpoint or dataset gets a
-new key, so a stale cache is never read.
+Cache: `cache_dir/<key>.safetensors` (features, labels) and `cache_dir/<key>.json` (ids, captions, class names: ids
+of an ImageNet-size set exceed the ~100 MB limit of a safetensors header). key = hash of the checkpoint file's path,
+size and mtime (ns); the dataset settings; the data on disk: every shard's path, size and mtime, or an image
+folder's root and class subfolders' paths and mtimes (a folder's mtime changes when entries are added, removed or
+renamed in it; no image is stat'ed) plus the bytes of the classes file; the feature spec; the image size; and the
+caller's `extra_key` (e.g. the identity of an image-text run's objective file, for joint-space features). Not
+covered: an image rewritten in place, or a change only inside a nested subfolder of a class folder: delete the
+cache entry then. Both files are written atomically, the .json first; an entry counts only when both exist. Loaded
+without pickle. A cache that cannot be written is logged and skipped: the extracted features are still returned.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ import hashlib
 import json
 import logging
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image, image_transform, \
     locate_image
@@ -72,32 +83,53 @@ class Features:
 # datasets
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/<image> (recursively below each class folder); class index = position in sorted names."""
+def _class_folders(root: str) -> list[str]:
+    """The class subfolder names of an image folder, sorted (hidden ones skipped); shared by the dataset and the
+    cache key so both see the same classes."""
+    if not os.path.isdir(root):
+        raise EvalDataError(f"image folder {root!r} does not exist")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not folders:
+        raise EvalDataError(f"{root!r} has no class subfolders (expected root/<class>/<image>, the ImageNet layout)")
+    return folders
 
-    def __init__(self, root: str, image_size: int, classes_file: str | None = None):
-        if not os.path.isdir(root):
-            raise EvalDataError(f"image folder {root!r} does not exist")
-        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-        if not folders:
-            raise EvalDataError(f"{root!r} has no class subfolders (expected root/<class>/<image>, the ImageNet "
-                                "layout)")
+
+def _read_classes_file(path: str) -> bytes:
+    """The raw bytes of a classes file: the dataset parses them, the cache key hashes them."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise EvalDataError(f"classes file {path!r} cannot be read ({e.strerror}): give a text file with one class "
+                            "name per line, in the sorted order of the class folders") from e
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image> (recursively below each class folder); class index = position in sorted names.
+    max_samples > 0: a seeded uniform subset of that many images (see DatasetSpec)."""
+
+    def __init__(self, root: str, image_size: int, classes_file: str | None = None, max_samples: int = 0):
+        folders = _class_folders(root)
         self.classes = folders
         if classes_file:
-            with open(classes_file) as f:
-                names = [ln.strip() for ln in f if ln.strip()]
+            names = [ln.strip() for ln in _read_classes_file(classes_file).decode().splitlines() if ln.strip()]
             if len(names) != len(folders):
                 raise EvalDataError(f"class-count mismatch: {classes_file} lists {len(names)} class names but {root} "
                                     f"has {len(folders)} class folders")
             self.classes = names
         self.items = []
+        # Absolute paths: the ids (stored in the cache) must point at the images from any working directory.
         for label, d in enumerate(folders):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, d))):
+            for dirpath, _, files in sorted(os.walk(os.path.join(os.path.abspath(root), d))):
                 for name in sorted(files):
                     if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
                         self.items.append((os.path.join(dirpath, name), label))
         if not self.items:
             raise EvalDataError(f"no images (.jpg/.jpeg/.png/.webp) under the class folders of {root!r}")
+        if 0 < max_samples < len(self.items):
+            # The first N in sorted order would be only the first few classes; keep the subset in listing order.
+            keep = sorted(random.Random(0).sample(range(len(self.items)), max_samples))
+            self.items = [self.items[i] for i in keep]
         self.transform = image_transform(image_size, train=False)
 
     def __len__(self):
@@ -111,7 +143,7 @@ class ImageFolder(torch.utils.data.Dataset):
         except (OSError, CorruptSample) as e:
             log.warning("skipping %s: %s", path, e)
             return None
-        return {"image": image, "labels": torch.tensor([label]), "id": os.path.relpath(path)}
+        return {"image": image, "labels": torch.tensor([label]), "id": path}
 
 
 class _ShardSample:
@@ -165,7 +197,15 @@ def _collate(items):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What to evaluate on: an image folder (`folder`) or shards (`shards`, with .json `labels` and `captions`)."""
+    """What to evaluate on: an image folder (`folder`, optionally `classes_file`: one class name per line, in the
+    sorted order of the class folders) or shards (`shards`, with .json `labels` and .txt `captions`).
+
+    max_samples (0: all): on an image folder, a uniformly random subset of the images (seed 0: the same subset every
+    time; kept in sorted order), because the first N in sorted order would be only the first few classes. On
+    shards, the first N samples in reading order (see the module docstring), a fair sample because shards are
+    written shuffled (synthetic sets, webdatasets); with several loader workers, which N also depends on
+    num_workers and batch_size, which the cache key does not cover.
+    """
 
     folder: str = ""
     shards: str = ""
@@ -177,26 +217,38 @@ class DatasetSpec:
     def __post_init__(self):
         if bool(self.folder) == bool(self.shards):
             raise EvalDataError("a dataset needs exactly one of `folder` (class subfolders) or `shards`")
+        if self.folder and self.captions:
+            raise EvalDataError(f"image folder {self.folder!r}: image folders have no captions: use shards with .txt "
+                                "for retrieval, or drop `captions`")
+        if self.folder and tuple(self.labels) not in ((), ("label",)):
+            raise EvalDataError(f"image folder {self.folder!r}: its only label is 'label' (the class folder), got "
+                                f"labels {list(self.labels)}: drop `labels`, or use shards whose .json has those "
+                                "fields")
 
     def describe(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
+def _shard_paths(dataset: DatasetSpec) -> list[str]:
+    """The dataset's shard files (expand_shards), with a missing shard as an EvalDataError."""
+    from fastenc.data.shards import expand_shards
+
+    try:
+        return expand_shards(dataset.shards)
+    except FileNotFoundError as e:
+        raise EvalDataError(f"dataset shards: {e}") from e
+
+
 def _batches(dataset: DatasetSpec, image_size: int, batch_size: int, num_workers: int):
     if dataset.folder:
-        ds = ImageFolder(dataset.folder, image_size, dataset.classes_file or None)
+        ds = ImageFolder(dataset.folder, image_size, dataset.classes_file or None, dataset.max_samples)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                              collate_fn=_collate)
         return loader, len(ds), {"label": ds.classes}, ["label"]
     from fastenc.data.loader import build_loader
-    from fastenc.data.shards import expand_shards
 
-    try:
-        expand_shards(dataset.shards)
-    except FileNotFoundError as e:
-        raise EvalDataError(f"dataset shards: {e}") from e
     labels = list(dataset.labels)
-    loader = build_loader(dataset.shards, sample_fn=_ShardSample(image_size, labels, dataset.captions),
+    loader = build_loader(_shard_paths(dataset), sample_fn=_ShardSample(image_size, labels, dataset.captions),
                           batch_size=batch_size, num_workers=num_workers, shuffle_buffer=0, resampled=False,
                           drop_last=False, collate_fn=_collate_shards)
     return loader, None, {}, labels
@@ -214,12 +266,29 @@ def _collate_shards(items):
 
 
 def _file_identity(path: str) -> list:
+    """[absolute path, size, mtime in ns] of a file or folder: whole-second mtimes miss a rewrite within a second."""
     st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def cache_key(checkpoint: str, dataset: DatasetSpec, spec: FeatureSpec, image_size: int) -> str:
-    blob = json.dumps([_file_identity(checkpoint), dataset.describe(), asdict(spec), image_size], sort_keys=True)
+def _data_identity(dataset: DatasetSpec) -> list:
+    """The state of the dataset on disk, for the cache key (what it covers: the module docstring's "Cache:")."""
+    if dataset.shards:
+        # Remote shards (URLs, pipe:) cannot be stat'ed: their name is all there is to key on.
+        return [_file_identity(p) if os.path.exists(p) else p for p in _shard_paths(dataset)]
+    root = dataset.folder
+    identity = [_file_identity(root)] + [_file_identity(os.path.join(root, d)) for d in _class_folders(root)]
+    if dataset.classes_file:
+        identity.append(hashlib.sha256(_read_classes_file(dataset.classes_file)).hexdigest())
+    return identity
+
+
+def cache_key(checkpoint: str, dataset: DatasetSpec, spec: FeatureSpec, image_size: int,
+              extra_key: str | None = None) -> str:
+    """Hash of what the features depend on: the checkpoint file, the dataset's settings and data on disk, the
+    feature spec, the image size and the caller's extra_key."""
+    blob = json.dumps([_file_identity(checkpoint), dataset.describe(), _data_identity(dataset), asdict(spec),
+                       image_size, extra_key], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -230,6 +299,11 @@ def _pool(encoder, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
         tokens = encoder.norm(encoder.forward_intermediates(images, [spec.layer])[0])
     prefix = getattr(encoder, "num_prefix_tokens", 1)
     feats = tokens[:, 0] if spec.pool == "cls" else tokens[:, prefix:].mean(dim=1)
+    fc_norm = getattr(encoder, "fc_norm", None)
+    if fc_norm is not None and not isinstance(fc_norm, torch.nn.Identity):
+        # Encoders that normalize after pooling (global_pool="avg"): `norm` above was Identity; this is their final
+        # LayerNorm, as in their forward_head. Token-pooled encoders have an Identity fc_norm and skip this.
+        feats = fc_norm(feats)
     feats = feats.float()
     return F.normalize(feats, dim=-1) if spec.normalize else feats
 
@@ -237,18 +311,20 @@ def _pool(encoder, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
 @torch.no_grad()
 def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *, checkpoint: str | None = None,
             cache_dir: str | None = None, batch_size: int = 256, num_workers: int = 0, device="cpu",
-            progress: str | None = "features", embed=None) -> Features:
+            progress: str | None = "features", embed=None, extra_key: str | None = None) -> Features:
     """Features of `encoder` (a fastenc/timm ViT) over `dataset`, read from / written to the cache when
     `checkpoint` (the encoder's file, part of the key) and `cache_dir` are given. spec.space == "joint": the
-    features are embed(images) (EvalRun.encode_image) instead of the encoder's tokens."""
+    features are embed(images) (EvalRun.encode_image) instead of the encoder's tokens. extra_key: anything else
+    the features depend on that only the caller knows (e.g. the identity of the image-text objective file behind
+    `embed`), mixed into the cache key."""
     if spec.space == "joint" and embed is None:
         raise EvalDataError("joint-space features need `embed` (an image-text run's encode_image)")
     image_size = int(encoder.img_size)
-    path = None
+    stem = None
     if cache_dir and checkpoint:
-        path = os.path.join(cache_dir, cache_key(checkpoint, dataset, spec, image_size) + ".safetensors")
-        if os.path.isfile(path):
-            return _load(path)
+        stem = os.path.join(cache_dir, cache_key(checkpoint, dataset, spec, image_size, extra_key))
+        if os.path.isfile(stem + ".json") and os.path.isfile(stem + ".safetensors"):
+            return _load(stem)
     loader, total, classes, label_names = _batches(dataset, image_size, batch_size, num_workers)
     limit = dataset.max_samples or None
     encoder = encoder.to(device)
@@ -257,7 +333,7 @@ def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *,
     feats, labels, captions, ids = [], [], [], []
     from tqdm import tqdm
 
-    bar = tqdm(desc=progress, unit="img", total=limit or total, leave=False, disable=not progress)
+    bar = tqdm(desc=progress, unit="img", total=total or limit, leave=False, disable=not progress)
     n = 0
     for batch in loader:
         if batch is None:
@@ -279,32 +355,51 @@ def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *,
     lab = torch.cat(labels)[:limit]
     out = Features(f, {name: lab[:, i].contiguous() for i, name in enumerate(label_names)},
                    captions[:limit] if dataset.captions else None, ids[:limit], classes)
-    if path:
-        _save(out, path)
+    if stem:
+        try:
+            _save(out, stem)
+        except (OSError, SafetensorError) as e:
+            log.warning("could not write the feature cache %s.{json,safetensors} (%s: %s); the features are used "
+                        "uncached: make cache_dir writable and give it space, or pass no cache_dir", stem,
+                        type(e).__name__, e)
     return out
 
 
-def _save(feats: Features, path: str) -> None:
+def _write_atomically(path: str, write) -> None:
+    """write(tmp) then rename tmp to path, so readers never see a half-written file; the tmp is removed on failure."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save(feats: Features, stem: str) -> None:
+    """<stem>.json (ids, captions, classes) first, <stem>.safetensors (feats, labels) last: an entry is read only
+    when both exist, so an interrupted write leaves no entry that looks complete."""
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"ids": feats.ids, "captions": feats.captions, "classes": feats.classes}, f)
+
+    _write_atomically(stem + ".json", write_json)
     tensors = {"feats": feats.feats.contiguous(), **{f"label.{k}": v for k, v in feats.labels.items()}}
-    meta = {"ids": json.dumps(feats.ids), "captions": json.dumps(feats.captions), "classes": json.dumps(feats.classes)}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    _write_atomically(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
 
 
-def _load(path: str) -> Features:
-    from safetensors import safe_open
+def _load(stem: str) -> Features:
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    tensors = load_file(stem + ".safetensors")
+    with open(stem + ".json", encoding="utf-8") as f:
+        meta = json.load(f)
     labels = {k[len("label."):]: v for k, v in tensors.items() if k.startswith("label.")}
-    return Features(tensors["feats"], labels, json.loads(meta.get("captions", "null")),
-                    json.loads(meta.get("ids", "[]")), json.loads(meta.get("classes", "{}")))
+    return Features(tensors["feats"], labels, meta["captions"], meta["ids"], meta["classes"])
 
 
 def encoder_checkpoint(source: str) -> str:

@@ -1,7 +1,8 @@
 """Weighted k-NN classification on frozen encoder features (DINO's eval_knn protocol).
 
-Features: the encoder's pooled output (CLS token after the final norm) of eval-transformed images, L2-normalized.
-For each test feature the k most cosine-similar train features vote with weight exp(sim / T) for their label
+Features: the encoder's pooled output (CLS token after the final norm) of eval-transformed images, L2-normalized
+here (knn_classify normalizes whatever it is given, as DINO's eval_knn does). For each test feature the k most
+cosine-similar train features vote with weight exp(sim / T) for their label
 (k = 20, T = 0.07 as in facebookresearch/dino); top-1 accuracy over the test set. Labels are integer fields of the
 samples' .json (for the synthetic study data: category_id, color_id, style_id).
 """
@@ -48,37 +49,46 @@ def extract_features(encoder, shards, label_key, *, max_samples: int | None = No
     after the final norm, through fastenc.eval.features.extract (no cache).
 
     label_key: one .json field (labels [N]) or a list of fields (labels [N, len(list)], one pass for all)."""
-    from fastenc.eval.features import DatasetSpec, EvalDataError, extract
+    from fastenc.eval.features import DatasetSpec, extract
 
     keys = [label_key] if isinstance(label_key, str) else list(label_key)
-    try:
-        f = extract(encoder, DatasetSpec(shards=shards, labels=tuple(keys), max_samples=max_samples or 0),
-                    batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-    except EvalDataError as e:
-        raise ValueError(f"no usable samples with label {label_key!r} in {shards!r} ({e})") from e
+    f = extract(encoder, DatasetSpec(shards=shards, labels=tuple(keys), max_samples=max_samples or 0),
+                batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
     labels = torch.stack([f.labels[k] for k in keys], dim=1)
     return f.feats, (labels[:, 0] if isinstance(label_key, str) else labels)
 
 
 def knn_classify(train_feats, train_labels, test_feats, *, k: int = 20, temperature: float = 0.07,
-                 num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
-    """Predicted labels [N_test]: weighted vote of the k nearest train features (cosine), weights exp(sim / T)."""
+                 num_classes: int | None = None, chunk: int = 1024, device=None) -> torch.Tensor:
+    """Predicted labels [N_test] (CPU): weighted vote of the k nearest train features by cosine (both sides are
+    L2-normalized here), weights exp(sim / T). Runs on `device` (default: where the features are)."""
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"feature widths differ: train {train_feats.shape[1]}, test {test_feats.shape[1]}")
+    if train_feats.shape[0] == 0 or len(train_labels) != train_feats.shape[0]:
+        raise ValueError(f"need one label per train feature and at least one ({train_feats.shape[0]} features, "
+                         f"{len(train_labels)} labels)")
+    if int(train_labels.min()) < 0:
+        raise ValueError("train labels must be >= 0 (drop the samples whose label is -1, 'absent', first)")
+    device = torch.device(device) if device is not None else train_feats.device
+    train_feats = torch.nn.functional.normalize(train_feats.to(device).float(), dim=1)
+    train_labels = train_labels.to(device)
     C = int(num_classes if num_classes is not None else train_labels.max() + 1)
     k = min(k, train_feats.shape[0])
     preds = []
     for start in range(0, test_feats.shape[0], chunk):
-        sim = test_feats[start:start + chunk] @ train_feats.T  # [n, N_train]
+        test = torch.nn.functional.normalize(test_feats[start:start + chunk].to(device).float(), dim=1)
+        sim = test @ train_feats.T  # [n, N_train]
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], C, dtype=sim.dtype)
+        votes = torch.zeros(sim.shape[0], C, dtype=sim.dtype, device=device)
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
+        preds.append(votes.argmax(dim=1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, **kw) -> float:
-    return float((knn_classify(train_feats, train_labels, test_feats, **kw) == test_labels).float().mean())
+    if len(test_labels) == 0:
+        raise ValueError("no test samples to score")
+    return float((knn_classify(train_feats, train_labels, test_feats, **kw) == test_labels.cpu()).float().mean())
 
 
 def load_exported_encoder(path: str, model: str | None = None):
@@ -119,6 +129,11 @@ def run_knn_command(args) -> int:
                                   progress="features (train)")
     va_f, va_y = extract_features(encoder, args.val_shards, args.label, max_samples=args.max_val,
                                   progress="features (val)")
+    # -1 = attribute absent (e.g. no word in the image): those samples have no class to predict or vote for
+    (tr_f, tr_y), (va_f, va_y) = ((f[y >= 0], y[y >= 0]) for f, y in ((tr_f, tr_y), (va_f, va_y)))
+    if not len(tr_y) or not len(va_y):
+        raise SystemExit(f"fastenc eval knn: no samples with a {args.label!r} label (>= 0) in the "
+                         f"{'train' if not len(tr_y) else 'val'} shards")
     acc = knn_accuracy(tr_f, tr_y, va_f, va_y, k=args.k, temperature=args.temperature,
                        num_classes=int(max(tr_y.max(), va_y.max())) + 1)
     chance = float(torch.bincount(va_y).max()) / len(va_y)

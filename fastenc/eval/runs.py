@@ -31,6 +31,18 @@ class EvalRun:
     objective: object = None
     """The image-text objective (CLIP/SigLIP) with its trained weights, or None."""
     metrics_path: str | None = None
+    objective_file: str | None = None
+    """The file the text side was loaded from (part of the joint-space features' cache key)."""
+    text_unavailable: str = "no text tower"
+    """Why has_text is False: the objective has no text side, or its files could not be loaded (then the
+    image-text protocols are recorded as skipped with this reason; the image-only ones still run)."""
+
+    def objective_identity(self) -> str | None:
+        """Path, size and mtime (ns) of objective_file, or None."""
+        if not self.objective_file:
+            return None
+        st = os.stat(self.objective_file)
+        return f"{os.path.abspath(self.objective_file)}:{st.st_size}:{st.st_mtime_ns}"
 
     @property
     def has_text(self) -> bool:
@@ -51,7 +63,7 @@ class EvalRun:
     def encode_text(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:
         """Texts -> [N, E] L2-normalized embeddings on the CPU (the objective's tokenizer and text tower)."""
         if not self.has_text:
-            raise EvalDataError(f"{self.name} has no text tower (objective without text, or a bare encoder file)")
+            raise EvalDataError(f"{self.name}: {self.text_unavailable}")
         obj, texts, out = self.objective, list(texts), []
         for start in range(0, len(texts), batch_size):
             tokens = obj.tokenizer(texts[start:start + batch_size], pad_to_longest=True, multiple_of=8)
@@ -94,7 +106,11 @@ def load_run(source: str, *, name: str | None = None) -> EvalRun:
     run = EvalRun(name or cfg.run.name, source, checkpoint, encoder,
                   metrics_path=metrics if os.path.isfile(metrics) else None)
     if cfg.objective.name in ("clip", "siglip"):
-        run.objective = _load_objective(cfg, os.path.join(source, "export", "objective.safetensors"))
+        try:
+            run.objective_file = os.path.join(source, "export", "objective.safetensors")
+            run.objective = _load_objective(cfg, run.objective_file)
+        except EvalDataError as e:
+            run.text_unavailable = f"text side not loaded: {e}"
     return run
 
 
@@ -110,20 +126,18 @@ def _load_init(source: str, name: str | None) -> EvalRun:
     except ConfigError as e:
         raise EvalDataError(f"{source!r}: {e} (init: takes a run dir or a recipe YAML)") from e
     if cfg.objective.name in ("clip", "siglip") and not os.path.isfile(cfg.objective.tokenizer):
-        raise EvalDataError(f"{source!r}: the run's tokenizer {cfg.objective.tokenizer!r} is not there")
-    rng = torch.random.get_rng_state()
-    try:
+        raise EvalDataError(f"{source!r}: the run's tokenizer {cfg.objective.tokenizer!r} is not there (paths in "
+                            "config.yaml are relative to the directory training ran from: run `fastenc eval` there)")
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(cfg.run.seed)  # as fastenc.engine.trainer.train does right before build_objective
         objective = build_objective(cfg).eval()
-    finally:
-        torch.random.set_rng_state(rng)
     encoder = objective.get_submodule(objective.export_prefix.rstrip("."))
     # Cache key: a run dir's config.yaml is fully resolved (seed included); a recipe may inherit bases that change
     # without it, so its features are not cached.
     recorded = os.path.join(path, "config.yaml")
     run = EvalRun(name or f"{cfg.run.name}@init", source, recorded if os.path.isdir(path) else None, encoder.eval())
     if cfg.objective.name in ("clip", "siglip"):
-        run.objective = objective
+        run.objective, run.objective_file = objective, run.checkpoint
     return run
 
 

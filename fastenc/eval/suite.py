@@ -15,17 +15,27 @@ A suite (configs/cpu/eval_synth.yaml, configs/paper/eval_imagenet.yaml) names it
       pairs:        {dataset: val, a: clip, b: dino, attributes: [category_id, color_id], num_pairs: 1000000}
       loss_curves:  {}
 
-Runs are named by their config's run.name. Protocols that do not apply to a run (zero-shot and retrieval for an
-encoder without a text tower, pairs without both named runs) are recorded as skipped with the reason, not
-dropped. Outputs: DIR/results.json (every number), DIR/report.md (tables + figures), DIR/*.png.
-Paths inside the suite are relative to the directory `fastenc eval` runs from (like the recipes' data paths).
+Sources are run dirs, encoder .safetensors files, or init:RUN_DIR (the run's weights before step 1); each may be
+prefixed NAME= to name it (default: the config's run.name, or the file name). Protocols that do not apply to a run
+(zero-shot and retrieval for an encoder without a text tower, pairs without both named runs, a label without
+samples) are recorded as skipped with the reason, not dropped. A protocol that fails (bad arguments, data it
+cannot use) is recorded with its error, the others still run, and after report.md is written the command fails
+naming it. Dataset paths are checked before any feature is extracted.
+
+Features are extracted as `features:` says, unnormalized unless it sets normalize: true: the linear probe
+standardizes them with train statistics (the paper's protocol), k-NN and pairs compare cosines (normalizing
+themselves). Outputs: DIR/results.json (every number; NaN written as null), DIR/report.md (tables + figures),
+DIR/*.png. Paths inside the suite are relative to the directory `fastenc eval` runs from (like the recipes' data
+paths).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import time
 
 import yaml
@@ -36,6 +46,16 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("knn", "linear_probe", "zero_shot", "retrieval", "pairs", "loss_curves")
 _DATASET_KEYS = {"folder", "shards", "labels", "captions", "classes_file", "max_samples"}
+_ARGS = {  # protocol -> (required arguments, optional ones)
+    "knn": ({"train", "test"}, {"labels", "k", "temperature"}),
+    "linear_probe": ({"train", "test"}, {"labels", "epochs", "warmup_epochs", "search_epochs", "batch_size",
+                                         "holdout_fraction", "seed", "lrs", "wds"}),
+    "zero_shot": ({"dataset"}, {"label", "class_names", "templates"}),
+    "retrieval": ({"dataset"}, {"ties"}),
+    "pairs": ({"dataset"}, {"a", "b", "attributes", "num_pairs", "thresholds", "seed", "max_pairs", "mode",
+                            "unique", "cell", "columns"}),
+    "loss_curves": (set(), {"x"}),
+}
 
 
 def resolve_suite(name: str) -> str:
@@ -68,6 +88,13 @@ def load_suite(path: str) -> dict:
     for proto, args in (suite.get("protocols") or {}).items():
         if proto not in PROTOCOLS:
             raise EvalDataError(f"{path}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
+        required, optional = _ARGS[proto]
+        unknown = sorted(set(args or {}) - required - optional)
+        if unknown:
+            raise EvalDataError(f"{path}: protocol {proto} has unknown arguments {unknown} (it takes: "
+                                f"{', '.join(sorted(required | optional))})")
+        if required - set(args or {}):
+            raise EvalDataError(f"{path}: protocol {proto} needs {', '.join(sorted(required - set(args or {})))}")
         for key in ("train", "test", "dataset"):
             if key in (args or {}) and args[key] not in datasets:
                 raise EvalDataError(f"{path}: protocol {proto} uses dataset {args[key]!r}, which `datasets:` does "
@@ -91,7 +118,10 @@ class _Features:
 
     def __init__(self, suite, cache_dir, device="cpu"):
         self.suite, self.cache_dir, self.memo, self.device = suite, cache_dir, {}, device
-        self.spec = FeatureSpec(**(suite.get("features") or {}))
+        try:
+            self.spec = FeatureSpec(**{"normalize": False, **(suite.get("features") or {})})
+        except TypeError as e:
+            raise EvalDataError(f"suite `features:` {suite.get('features')}: {e} (keys: layer, pool, normalize)") from e
 
     def get(self, run, dataset: str, joint: bool = False):
         key = (run.name, dataset, joint)
@@ -99,7 +129,8 @@ class _Features:
             spec = FeatureSpec(space="joint") if joint else self.spec
             self.memo[key] = extract(run.encoder, _dataset(self.suite, dataset), spec, checkpoint=run.checkpoint,
                                      cache_dir=self.cache_dir, progress=f"{run.name} {dataset}",
-                                     embed=run.encode_image if joint else None, device=self.device)
+                                     embed=run.encode_image if joint else None, device=self.device,
+                                     extra_key=run.objective_identity() if joint else None)
         return self.memo[key]
 
 
@@ -121,6 +152,10 @@ def _per_label(runs, args, F, evaluate):
         for name, ytr in _labels_of(tr, args.get("labels") or list(tr.labels), args["train"]).items():
             yte = _labels_of(te, [name], args["test"])[name]
             keep_tr, keep_te = ytr >= 0, yte >= 0
+            if not keep_tr.any() or not keep_te.any():
+                split = args["train"] if not keep_tr.any() else args["test"]
+                res[name] = {"skipped": f"no sample of {split!r} has a {name!r} label (all -1)"}
+                continue
             res[name] = evaluate(tr.feats[keep_tr], ytr[keep_tr], te.feats[keep_te], yte[keep_te],
                                  int(max(ytr.max(), yte.max())) + 1)
         out[run.name] = res
@@ -144,7 +179,8 @@ def run_knn(runs, args, F):
     from fastenc.eval.knn import knn_accuracy
 
     return _per_label(runs, args, F, lambda xtr, ytr, xte, yte, C: knn_accuracy(
-        xtr, ytr, xte, yte, k=args.get("k", 20), temperature=args.get("temperature", 0.07), num_classes=C))
+        xtr, ytr, xte, yte, k=args.get("k", 20), temperature=args.get("temperature", 0.07), num_classes=C,
+        device=F.device))
 
 
 def run_linear_probe(runs, args, F):
@@ -157,7 +193,7 @@ def run_linear_probe(runs, args, F):
             kw[key] = [float(x) for x in args[key]]
 
     def probe(xtr, ytr, xte, yte, C):
-        r = linear_probe(xtr, ytr, xte, yte, num_classes=C, **kw)
+        r = linear_probe(xtr, ytr, xte, yte, num_classes=C, device=F.device, **kw)
         return {"best_accuracy": r.best_accuracy, "final_accuracy": r.final_accuracy, "lr": r.lr,
                 "weight_decay": r.weight_decay, "best_epoch": r.best_epoch}
 
@@ -169,7 +205,12 @@ def _class_names(args, feats):
         return [str(c) for c in args["class_names"]]
     label = args.get("label", "label")
     if label in feats.classes:
-        return feats.classes[label]
+        names = feats.classes[label]
+        if all(re.fullmatch(r"n\d{8}", n) for n in names):
+            raise EvalDataError(f"zero_shot: the class names are the folder names, WordNet ids ({names[0]}, ...), "
+                                "which make meaningless prompts: give the dataset a `classes_file` (one readable name "
+                                "per line, in sorted folder order) or the protocol `class_names:`")
+        return names
     raise EvalDataError("zero_shot needs `class_names:` (or an image-folder dataset, whose folder names are used)")
 
 
@@ -177,7 +218,7 @@ def _per_text_run(runs, args, F, evaluate):
     """{run: evaluate(run, joint-space features of args["dataset"])} for runs with a text tower; the others are
     recorded as not applicable."""
     return {run.name: evaluate(run, F.get(run, args["dataset"], joint=True)) if run.has_text
-            else {"skipped": "no text tower"} for run in runs}
+            else {"skipped": run.text_unavailable} for run in runs}
 
 
 def run_zero_shot(runs, args, F):
@@ -217,8 +258,9 @@ def run_pairs(runs, args, F, out_dir):
     if a not in by_name or b not in by_name:
         return {"skipped": f"needs runs named {a!r} and {b!r} (got {', '.join(by_name)})"}
     fa, fb = F.get(by_name[a], args["dataset"]), F.get(by_name[b], args["dataset"])
-    attributes = {n: fa.labels[n] for n in args.get("attributes", []) if n in fa.labels}
-    kw = {k: args[k] for k in ("num_pairs", "thresholds", "seed", "max_pairs") if k in args}
+    attributes = _labels_of(fa, args.get("attributes", []), args["dataset"])
+    kw = {k: args[k] for k in ("num_pairs", "thresholds", "seed", "max_pairs", "mode", "unique", "cell", "columns")
+          if k in args}
     return analyze_pairs(fa.feats, fb.feats, names=(a, b), attributes=attributes or None,
                          load_image=_image_loader(_dataset(F.suite, args["dataset"]), fa.ids),
                          out_dir=out_dir, **kw)
@@ -272,49 +314,83 @@ def run_loss_curves(runs, args, out_dir):
     return {"png": os.path.basename(png), "runs": [n for n, _ in paths]}
 
 
+def _parse_source(source: str) -> tuple[str | None, str]:
+    """"NAME=SOURCE" -> (NAME, SOURCE); a plain source -> (None, source). NAME: letters, digits, _ . @ -."""
+    m = re.fullmatch(r"([A-Za-z0-9_.@-]+)=(.+)", source)
+    return (m.group(1), m.group(2)) if m else (None, source)
+
+
 def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None,
               device: str = "cpu") -> dict:
-    """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md."""
+    """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md.
+    Raises EvalDataError (after writing both) if a protocol failed."""
     from fastenc.eval.runs import load_run
 
     suite = load_suite(suite_path)
-    runs = [load_run(s).to(device) for s in sources]
+    for name in suite.get("datasets") or {}:
+        _dataset(suite, name)  # every path checked before hours of extraction
+    runs = []
+    for source in sources:
+        name, src = _parse_source(source)
+        runs.append(load_run(src, name=name).to(device))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        raise EvalDataError(f"two runs share a name ({names}): give each run its own run.name")
+        raise EvalDataError(f"two runs share a name ({names}): name them on the command line, NAME=RUN_DIR")
     os.makedirs(out_dir, exist_ok=True)
     F = _Features(suite, cache_dir or os.path.join(out_dir, "feature_cache"), device)
     results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs}, "protocols": {}}
+    failed = []
     for proto, args in (suite.get("protocols") or {}).items():
         args = args or {}
         start = time.time()
         log.info("%s ...", proto)
-        if proto == "pairs":
-            res = run_pairs(runs, args, F, out_dir)
-        elif proto == "loss_curves":
-            res = run_loss_curves(runs, args, out_dir)
-        else:
-            res = {"knn": run_knn, "linear_probe": run_linear_probe, "zero_shot": run_zero_shot,
-                   "retrieval": run_retrieval}[proto](runs, args, F)
-        results["protocols"][proto] = {"args": args, "results": res, "seconds": round(time.time() - start, 1)}
-        if proto in ("knn", "linear_probe"):
-            results["protocols"][proto]["majority"] = majority_baseline(runs, args, F)
+        entry = results["protocols"][proto] = {"args": args}
+        try:
+            if proto == "pairs":
+                res = run_pairs(runs, args, F, out_dir)
+            elif proto == "loss_curves":
+                res = run_loss_curves(runs, args, out_dir)
+            else:
+                res = {"knn": run_knn, "linear_probe": run_linear_probe, "zero_shot": run_zero_shot,
+                       "retrieval": run_retrieval}[proto](runs, args, F)
+            entry["results"] = res
+            if proto in ("knn", "linear_probe"):
+                entry["majority"] = majority_baseline(runs, args, F)
+        except (EvalDataError, ValueError) as e:  # bad arguments or data this protocol cannot use
+            log.error("%s failed: %s", proto, e)
+            entry["error"] = str(e)
+            failed.append(f"{proto}: {e}")
+        entry["seconds"] = round(time.time() - start, 1)
     _attribute_figure(results, out_dir)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=_jsonable)
+        json.dump(_finite(results), f, indent=1, default=_jsonable, allow_nan=False)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(render_report(results))
+    if failed:
+        raise EvalDataError(f"{len(failed)} protocol(s) failed (the others are in {out_dir}/report.md): "
+                            + "; ".join(failed))
     return results
+
+
+def _finite(x):
+    """NaN / inf -> None, recursively (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _attribute_figure(results: dict, out_dir: str) -> None:
     """attributes.png: k-NN and linear-probe accuracy per attribute per run, against the majority class."""
     from fastenc.analysis.curves import plot_attribute_accuracy
 
-    protos = {p: e for p, e in results["protocols"].items() if p in ("knn", "linear_probe")}
+    protos = {p: e for p, e in results["protocols"].items() if p in ("knn", "linear_probe") and "results" in e}
     if not protos:
         return
-    tables = {p: {run: {lab: (v["best_accuracy"] if isinstance(v, dict) else v) for lab, v in r.items()}
+    tables = {p: {run: {lab: _accuracy(v) for lab, v in r.items() if _accuracy(v) is not None}
                   for run, r in e["results"].items()} for p, e in protos.items()}
     baseline = {lab: v for e in protos.values() for lab, v in (e.get("majority") or {}).items()}
     plot_attribute_accuracy(tables, os.path.join(out_dir, "attributes.png"), baseline=baseline)
@@ -331,7 +407,16 @@ def _jsonable(x):
     return str(x)
 
 
+def _accuracy(v) -> float | None:
+    """A per-label result's headline accuracy: k-NN's float, the probe's best_accuracy; None when skipped."""
+    if isinstance(v, dict):
+        return v.get("best_accuracy")
+    return v
+
+
 def _fmt(v):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
     return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
 
 
@@ -342,21 +427,25 @@ def render_report(results: dict) -> str:
     if "attributes" in results.get("figures", {}):
         lines += ["", f"![accuracy per attribute]({results['figures']['attributes']})"]
     for proto, entry in results["protocols"].items():
-        res = entry["results"]
         lines += ["", f"## {proto}", ""]
+        if "error" in entry:
+            lines += [f"**failed:** {entry['error']}", f"\n({entry['seconds']} s)"]
+            continue
+        res = entry["results"]
         if proto in ("knn", "linear_probe"):
-            labels = sorted({lab for r in res.values() for lab in r})
+            labels = list(dict.fromkeys(lab for r in res.values() for lab in r))  # the suite's order
             lines += ["| run | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+            skipped = {}
             for run, r in res.items():
-                cells = [(r[lab]["best_accuracy"] if isinstance(r.get(lab), dict) else r.get(lab, "-"))
-                         for lab in labels]
-                lines.append(f"| {run} | " + " | ".join(_fmt(c) for c in cells) + " |")
+                lines.append(f"| {run} | " + " | ".join(_fmt(_accuracy(r.get(lab))) for lab in labels) + " |")
+                skipped.update({lab: v["skipped"] for lab, v in r.items() if isinstance(v, dict) and "skipped" in v})
             if "majority" in entry:
                 lines.append("| *majority class* | " + " | ".join(_fmt(entry["majority"].get(lab, "-"))
                                                                for lab in labels) + " |")
             lines.append("")
             lines.append("top-1 accuracy on the test split, % (linear probe: best over epochs, the paper's report; "
                          "majority class: always answering the most frequent test class)")
+            lines += [f"n/a for {lab}: {why}" for lab, why in skipped.items()]
         elif proto in ("zero_shot", "retrieval"):
             keys = sorted({k for r in res.values() for k in r if k != "skipped"})
             lines += ["| run | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]

@@ -433,8 +433,11 @@ def test_quantile_thresholds_resolve_from_the_pairs_cosines_then_select_like_abs
     scan = scan_pairs(fa, fb, pairs, thresholds="quantile", max_pairs=10)
     assert scan.thresholds == QuantileThresholds().resolve(sa, sb) and scan.num_pairs == 4500
     # exhaustive with more pairs than QUANTILE_PAIRS: a seeded uniform sample (deterministic)
-    scan2 = scan_pairs(fa, fb, None, thresholds="quantile", max_pairs=10)
-    assert scan2.thresholds == QuantileThresholds().resolve(*pair_cosines(fa, fb, sample_pairs(n, 1000, seed=0)))
+    scan2 = scan_pairs(fa, fb, None, thresholds="quantile", max_pairs=10, seed=4)
+    assert scan2.thresholds == QuantileThresholds().resolve(*pair_cosines(fa, fb, sample_pairs(n, 1000, seed=4)))
+    # cosines of duplicates round past 1 in float32; a cut at the top quantile stays a valid cosine
+    over = torch.tensor([1.0000012, 0.5, 1.0000012])
+    assert QuantileThresholds(a_high=1.0, b_high=1.0).resolve(over, over).a_high == 1.0
     # analyze_pairs records both: the cuts used and the quantiles they came from
     res = analyze_pairs(fa, fb, thresholds="quantile", num_pairs=4500, mode="sample", seed=3)
     assert res["thresholds"] == dataclasses.asdict(scan.thresholds) and res["quantiles"]["a_high"] == 0.95

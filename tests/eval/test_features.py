@@ -1,6 +1,9 @@
 """Feature extraction for evaluation: image folders and shards, layer/pool choices, the disk cache, clear errors."""
 
+import json
+import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ import torch
 from PIL import Image
 
 from fastenc.data.synth import write_synthetic_shards
-from fastenc.eval.features import DatasetSpec, EvalDataError, FeatureSpec, encoder_checkpoint, extract
+from fastenc.eval.features import DatasetSpec, EvalDataError, FeatureSpec, cache_key, encoder_checkpoint, extract
 from fastenc.models import create_vit
 
 
@@ -51,7 +54,7 @@ def test_shards_labels_captions_and_limit(encoder, shards):
     f = extract(encoder, DatasetSpec(shards=shards, labels=("category_id", "word_id"), captions=True), progress=None)
     assert f.feats.shape == (40, 64) and len(f.captions) == 40 and len(f.ids) == 40
     assert set(f.labels) == {"category_id", "word_id"} and (f.labels["word_id"] == -1).any()  # -1: no word
-    assert f.ids[0] == "shard-00000.tar:000000000"  # one ordered pass
+    assert f.ids[0] == "shard-00000.tar:000000000"  # a deterministic order (build_loader's seeded shard order)
     p = extract(encoder, DatasetSpec(shards=shards, labels=("word_id:present",)), progress=None)
     assert torch.equal(p.labels["word_id:present"], (f.labels["word_id"] >= 0).long())  # derived: has a word
     assert 0 < int(p.labels["word_id:present"].sum()) < 40
@@ -91,7 +94,8 @@ def test_cache_is_used_and_keyed(encoder, folder, tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):  # another spec is another key: recomputed (and here it fails)
         extract(encoder, DatasetSpec(folder=folder), FeatureSpec(pool="mean"), checkpoint=str(ckpt),
                 cache_dir=cache, progress=None)
-    assert len(os.listdir(cache)) == 1
+    stem = os.path.splitext(os.listdir(cache)[0])[0]
+    assert sorted(os.listdir(cache)) == [stem + ".json", stem + ".safetensors"]  # one entry, no tmp files left
 
 
 def test_clear_errors(encoder, folder, tmp_path):
@@ -111,3 +115,131 @@ def test_clear_errors(encoder, folder, tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(EvalDataError, match="has no encoder checkpoint"):
         encoder_checkpoint(str(tmp_path / "run"))
+
+
+def _checkpoint(encoder, tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(ckpt))
+    return str(ckpt)
+
+
+def test_cache_key_follows_the_data_on_disk(encoder, folder, shards, tmp_path):
+    ckpt, spec = _checkpoint(encoder, tmp_path), FeatureSpec()
+    # shards: a rewrite within the same second (same size) is a new key: every shard's mtime in ns is in the key
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    shard = str(data / "shard-00001.tar")
+    os.utime(shard, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    ds = DatasetSpec(shards=str(data))
+    before = cache_key(ckpt, ds, spec, 32)
+    os.utime(shard, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9 + 500_000_000))
+    assert cache_key(ckpt, ds, spec, 32) != before
+    # image folders: an image added to a class folder (changes its mtime) is a new key
+    root = tmp_path / "folder"
+    shutil.copytree(folder, root)
+    for d in (root, *root.iterdir()):
+        os.utime(d, ns=(0, 0))
+    ds = DatasetSpec(folder=str(root))
+    before = cache_key(ckpt, ds, spec, 32)
+    shutil.copy(root / "cat" / "0.png", root / "dog" / "new.png")
+    assert cache_key(ckpt, ds, spec, 32) != before
+    # the classes file's content, not its name, is in the key: renamed classes are a new key
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\nemu\n")
+    ds = DatasetSpec(folder=str(root), classes_file=str(names))
+    before = cache_key(ckpt, ds, spec, 32)
+    names.write_text("Cat\nDog\nEmu\n")
+    assert cache_key(ckpt, ds, spec, 32) != before
+    # the caller's extra_key (e.g. the objective file of joint-space features) is in the key
+    assert len({cache_key(ckpt, ds, spec, 32), cache_key(ckpt, ds, spec, 32, "objective-a"),
+                cache_key(ckpt, ds, spec, 32, "objective-b")}) == 3
+    with pytest.raises(EvalDataError, match="dataset shards"):
+        cache_key(ckpt, DatasetSpec(shards=str(tmp_path / "missing")), spec, 32)
+
+
+def test_extra_key_is_a_new_cache_entry(encoder, folder, tmp_path, monkeypatch):
+    ckpt, cache = _checkpoint(encoder, tmp_path), str(tmp_path / "cache")
+    extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=cache, progress=None, extra_key="a")
+    monkeypatch.setattr(encoder, "forward_features", lambda x: 1 / 0)
+    extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=cache, progress=None, extra_key="a")
+    with pytest.raises(ZeroDivisionError):  # another extra_key: recomputed
+        extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=cache, progress=None, extra_key="b")
+
+
+def test_cache_keeps_ids_in_a_json_sidecar(encoder, folder, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    ckpt, cache = _checkpoint(encoder, tmp_path), tmp_path / "cache"
+    first = extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=str(cache), progress=None)
+    (sidecar,) = cache.glob("*.json")
+    with safe_open(str(sidecar.with_suffix(".safetensors")), "pt") as f:  # ids stay out of the (limited) header
+        assert "ids" not in (f.metadata() or {})
+    assert json.loads(sidecar.read_text()) == {"ids": first.ids, "captions": None, "classes": first.classes}
+    sidecar.unlink()  # an entry without its .json is no entry: recomputed
+    monkeypatch.setattr(encoder, "forward_features", lambda x: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=str(cache), progress=None)
+
+
+def test_unwritable_cache_still_returns_features(encoder, folder, tmp_path, monkeypatch, caplog):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    ckpt, blocker = _checkpoint(encoder, tmp_path), tmp_path / "a-file"
+    blocker.write_text("")
+    with caplog.at_level(logging.WARNING, logger="fastenc.eval.features"):
+        f = extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=str(blocker / "cache"),
+                    progress=None)
+    assert f.feats.shape == (15, 64) and "could not write the feature cache" in caplog.text
+
+    def fail(*args, **kwargs):
+        raise SafetensorError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    cache = tmp_path / "cache"
+    g = extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=str(cache), progress=None)
+    assert torch.equal(g.feats, f.feats) and "disk full" in caplog.text
+    assert [p.suffix for p in cache.iterdir()] == [".json"]  # no .safetensors, no tmp file: not an entry
+
+
+def test_folder_ids_are_absolute(encoder, folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(folder))
+    ckpt, cache = _checkpoint(encoder, tmp_path), str(tmp_path / "cache")
+    extract(encoder, DatasetSpec(folder=os.path.basename(folder)), checkpoint=ckpt, cache_dir=cache, progress=None)
+    monkeypatch.chdir(tmp_path)  # read back from another working directory: the ids still point at the images
+    f = extract(encoder, DatasetSpec(folder=folder), checkpoint=ckpt, cache_dir=cache, progress=None)
+    assert all(os.path.isabs(i) and os.path.isfile(i) for i in f.ids)
+
+
+def test_folder_max_samples_is_a_seeded_random_subset(encoder, folder):
+    every = extract(encoder, DatasetSpec(folder=folder), progress=None)
+    f = extract(encoder, DatasetSpec(folder=folder, max_samples=6), progress=None)
+    g = extract(encoder, DatasetSpec(folder=folder, max_samples=6), progress=None)
+    assert f.ids == g.ids and len(f.ids) == 6  # deterministic
+    assert f.ids == [i for i in every.ids if i in f.ids]  # kept in sorted order
+    assert set(f.labels["label"].tolist()) == {0, 1, 2}  # not just the first classes
+
+
+def test_folder_rejects_captions_and_other_labels(folder):
+    with pytest.raises(EvalDataError, match="image folders have no captions: use shards with .txt"):
+        DatasetSpec(folder=folder, captions=True)
+    with pytest.raises(EvalDataError, match="only label is 'label'"):
+        DatasetSpec(folder=folder, labels=("category_id",))
+    DatasetSpec(folder=folder, labels=("label",))
+
+
+@pytest.mark.parametrize("overrides,pool", [({"global_pool": "avg"}, "mean"), ({"fc_norm": True}, "cls")])
+def test_pool_applies_fc_norm(folder, overrides, pool):
+    """Encoders that normalize after pooling (`norm` Identity, `fc_norm` a LayerNorm): features = their own output."""
+    from fastenc.data.transforms import decode_image, image_transform
+
+    torch.manual_seed(0)
+    enc = create_vit("vit_test", **overrides).eval()
+    torch.nn.init.normal_(enc.fc_norm.bias)
+    feats = extract(enc, DatasetSpec(folder=folder), FeatureSpec(pool=pool), progress=None).feats
+    with open(os.path.join(folder, "cat", "0.png"), "rb") as fh:
+        x = image_transform(32, train=False)(decode_image(fh.read()))
+    with torch.no_grad():
+        torch.testing.assert_close(feats[0], torch.nn.functional.normalize(enc(x[None]), dim=-1)[0])

@@ -20,6 +20,22 @@ def test_knn_votes_are_similarity_weighted():
     assert knn_classify(train, labels, test[:1], k=5, temperature=1e6).tolist() == [1]
     with pytest.raises(ValueError, match="feature widths differ"):
         knn_classify(train, labels, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        knn_classify(train, torch.tensor([0, 0, 1, -1, 1]), test)
+    with pytest.raises(ValueError, match="at least one"):
+        knn_classify(train[:0], labels[:0], test)
+
+
+def test_knn_normalizes_its_inputs():
+    """Cosine neighbours whatever the feature norms: raw features (norms up to 50) give the normalized answer; a
+    plain dot product at T = 0.07 would overflow exp() and vote for class 0 everywhere."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 8, generator=g)
+    y = torch.arange(200) % 4
+    x = (centers[y] + 0.05 * torch.randn(200, 8, generator=g)) * torch.empty(200, 1).uniform_(1, 50, generator=g)
+    pred = knn_classify(x[:150], y[:150], x[150:])
+    assert torch.equal(pred, knn_classify(F.normalize(x[:150], dim=1), y[:150], F.normalize(x[150:], dim=1)))
+    assert float((pred == y[150:]).float().mean()) == 1.0
 
 
 def test_knn_accuracy_on_separable_clusters():
@@ -63,5 +79,12 @@ def test_features_and_cli_on_an_exported_encoder(shards, tmp_path, capsys):
                  "--val-shards", str(shards / "val"), "--label", "color_id"]) == 0
     out = capsys.readouterr().out
     assert "knn color_id: top-1" in out and "60 train / 20 val" in out
+    # word_id is -1 for images without a word: those are left out, not voted for
+    _, words = extract_features(enc, str(shards / "train"), "word_id")
+    _, vwords = extract_features(enc, str(shards / "val"), "word_id")
+    assert (words < 0).any()
+    assert main(["eval", "knn", "--encoder", str(path), "--train-shards", str(shards / "train"),
+                 "--val-shards", str(shards / "val"), "--label", "word_id"]) == 0
+    assert f"{int((words >= 0).sum())} train / {int((vwords >= 0).sum())} val" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no exported encoder"):
         main(["eval", "knn", "--encoder", str(tmp_path), "--train-shards", "x", "--val-shards", "y"])

@@ -157,3 +157,89 @@ def test_pair_grid_image_loader_reads_the_right_samples(tiny_data):  # noqa: F81
         assert np.array_equal(np.asarray(load(i)), expected[i])
     with pytest.raises(EvalDataError, match="nope not found"):
         load(len(ids))
+
+
+def test_suite_argument_checks(runs, tiny_data, tmp_path):  # noqa: F811
+    with pytest.raises(EvalDataError, match=r"unknown arguments \['temprature'\]"):
+        load_suite(_suite(tmp_path, tiny_data, knn={"train": "train", "test": "val", "temprature": 0.1}))
+    with pytest.raises(EvalDataError, match="protocol knn needs test"):
+        load_suite(_suite(tmp_path, tiny_data, knn={"train": "train"}))
+    with pytest.raises(EvalDataError, match="share a name.*NAME=RUN_DIR"):
+        run_suite([runs[0], runs[0]], _suite(tmp_path, tiny_data), str(tmp_path / "o"))
+
+
+def test_a_failing_protocol_is_reported_after_the_others_ran(runs, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """One protocol with data it cannot use (pairs on an attribute the dataset lacks) is recorded with its error;
+    the rest still run, report.md and results.json are written, then the command fails naming it. Runs are named
+    on the command line (NAME=SOURCE), and a label no sample has is a skipped cell, not a number."""
+    suite = _suite(tmp_path, tiny_data,
+                   pairs={"dataset": "val", "a": "c", "b": "d", "attributes": ["shape_id"], "num_pairs": 100},
+                   knn={"train": "train", "test": "val", "labels": ["color_id", "word_id"]},
+                   linear_probe={"train": "train", "test": "val", "labels": ["color_id"], "epochs": 2,
+                                 "warmup_epochs": 1, "search_epochs": 1, "lrs": [1e-2], "wds": [0.0]})
+    out = tmp_path / "out"
+    assert main(["eval", "c=" + runs[0], "d=" + runs[1], "--suite", suite, "--out", str(out)]) == 2
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]) == {"c", "d"}
+    p = res["protocols"]
+    assert "shape_id" in p["pairs"]["error"] and "results" not in p["pairs"]
+    assert set(p["knn"]["results"]["c"]) == {"color_id", "word_id"} and "top1" in json.dumps(p["zero_shot"])
+    report = (out / "report.md").read_text()
+    assert "**failed:**" in report and "## retrieval" in report
+    # every word_id of the val split absent: the cell is n/a with the reason
+    s = yaml.safe_load(open(suite))
+    s["datasets"]["val"]["labels"] = ["color_id", "word_id"]
+    s["datasets"]["val"]["max_samples"] = 96
+    for proto in ("pairs", "zero_shot", "retrieval", "linear_probe", "loss_curves"):
+        s["protocols"].pop(proto)
+    import fastenc.eval.suite as S
+    from fastenc.eval.features import Features
+
+    real_get = S._Features.get
+
+    def no_word_in_val(self, run, dataset, joint=False):
+        f = real_get(self, run, dataset, joint)
+        if dataset == "val":
+            f = Features(f.feats, {**f.labels, "word_id": torch.full_like(f.labels["word_id"], -1)}, f.captions, f.ids)
+        return f
+
+    monkeypatch.setattr(S._Features, "get", no_word_in_val)
+    (tmp_path / "s2.yaml").write_text(yaml.safe_dump(s))
+    res = run_suite(["c=" + runs[0]], str(tmp_path / "s2.yaml"), str(tmp_path / "o2"))
+    assert res["protocols"]["knn"]["results"]["c"]["word_id"] == {"skipped": "no sample of 'val' has a 'word_id' "
+                                                                              "label (all -1)"}
+    saved = json.loads((tmp_path / "o2" / "results.json").read_text())  # strict JSON: the NaN majority is null
+    assert saved["protocols"]["knn"]["majority"]["word_id"] is None
+    assert "n/a for word_id" in (tmp_path / "o2" / "report.md").read_text()
+
+
+def test_a_run_whose_text_side_cannot_load_still_gets_image_protocols(runs, tiny_data, tmp_path):  # noqa: F811
+    import shutil
+
+    broken = tmp_path / "clip_broken"
+    shutil.copytree(runs[0], broken)
+    os.remove(broken / "export" / "objective.safetensors")
+    res = run_suite([f"b={broken}"], _suite(tmp_path, tiny_data, pairs={"dataset": "val", "num_pairs": 10}),
+                    str(tmp_path / "o"))
+    assert "objective.safetensors is missing" in res["protocols"]["zero_shot"]["results"]["b"]["skipped"]
+    assert "objective.safetensors is missing" in res["protocols"]["retrieval"]["results"]["b"]["skipped"]
+    assert 0 <= res["protocols"]["knn"]["results"]["b"]["color_id"] <= 1
+
+
+def test_zero_shot_refuses_wordnet_ids_as_class_names(runs, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(tmp_path / "val" / wnid / f"{i}.png")
+    suite = {"name": "wnid", "datasets": {"val": {"folder": str(tmp_path / "val")}},
+             "protocols": {"zero_shot": {"dataset": "val"}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    with pytest.raises(EvalDataError, match="WordNet ids .*classes_file"):
+        run_suite([runs[0]], str(tmp_path / "s.yaml"), str(tmp_path / "o"))
+    (tmp_path / "names.txt").write_text("tench\ngoldfish\n")
+    suite["datasets"]["val"]["classes_file"] = str(tmp_path / "names.txt")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    res = run_suite([runs[0]], str(tmp_path / "s.yaml"), str(tmp_path / "o"))
+    assert "skipped" not in res["protocols"]["zero_shot"]["results"]["clip_tiny"]
