@@ -14,7 +14,9 @@ A suite (configs/cpu/eval_synth.yaml, configs/paper/eval_imagenet.yaml) names it
       retrieval:    {dataset: val}
       pairs:        {dataset: val, a: clip, b: dino, attributes: [category_id, color_id], num_pairs: 1000000}
       loss_curves:  {}
+      zero_shot.color: {dataset: val, label: color_id, class_names: [red, blue], templates: ["a {} shape"]}
 
+A protocol entry named TYPE.TAG (zero_shot.color above) is another instance of protocol TYPE with its own arguments.
 Sources are run dirs, encoder .safetensors files, or init:RUN_DIR (the run's weights before step 1); each may be
 prefixed NAME= to name it (default: the config's run.name, or the file name). Protocols that do not apply to a run
 (zero-shot and retrieval for an encoder without a text tower, pairs without both named runs, a label without
@@ -86,9 +88,10 @@ def load_suite(path: str) -> dict:
         if bad:
             raise EvalDataError(f"{path}: dataset {name!r} has unknown keys {sorted(bad)} ({sorted(_DATASET_KEYS)})")
     for proto, args in (suite.get("protocols") or {}).items():
-        if proto not in PROTOCOLS:
-            raise EvalDataError(f"{path}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
-        required, optional = _ARGS[proto]
+        if protocol_type(proto) not in PROTOCOLS:
+            raise EvalDataError(f"{path}: unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)}, each also as "
+                                "TYPE.TAG for another instance)")
+        required, optional = _ARGS[protocol_type(proto)]
         unknown = sorted(set(args or {}) - required - optional)
         if unknown:
             raise EvalDataError(f"{path}: protocol {proto} has unknown arguments {unknown} (it takes: "
@@ -101,6 +104,11 @@ def load_suite(path: str) -> dict:
                                     f"not define ({', '.join(datasets) or 'none'})")
     suite.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     return suite
+
+
+def protocol_type(name: str) -> str:
+    """"zero_shot.color" -> "zero_shot": the protocol an entry of `protocols:` runs."""
+    return name.split(".", 1)[0]
 
 
 def _dataset(suite: dict, name: str) -> DatasetSpec:
@@ -227,12 +235,15 @@ def run_zero_shot(runs, args, F):
     def evaluate(run, feats):
         label = args.get("label", "label")
         y = _labels_of(feats, [label], args["dataset"])[label]
+        keep = y >= 0  # -1: the attribute is absent (no word written): no class to name
+        if not keep.any():
+            return {"skipped": f"no sample of {args['dataset']!r} has a {label!r} label (all -1)"}
         names = _class_names(args, feats)
         if int(y.max()) >= len(names):
             raise EvalDataError(f"class-count mismatch: labels of {label!r} go up to {int(y.max())} but "
                                 f"{len(names)} class names are given")
         classes = class_text_embeddings(names, args.get("templates") or DEFAULT_TEMPLATES, run.encode_text)
-        return zero_shot_accuracy(feats.feats, y, classes)
+        return zero_shot_accuracy(feats.feats[keep], y[keep], classes)
 
     return _per_text_run(runs, args, F, evaluate)
 
@@ -344,17 +355,18 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
         args = args or {}
         start = time.time()
         log.info("%s ...", proto)
+        kind = protocol_type(proto)
         entry = results["protocols"][proto] = {"args": args}
         try:
-            if proto == "pairs":
+            if kind == "pairs":
                 res = run_pairs(runs, args, F, out_dir)
-            elif proto == "loss_curves":
+            elif kind == "loss_curves":
                 res = run_loss_curves(runs, args, out_dir)
             else:
                 res = {"knn": run_knn, "linear_probe": run_linear_probe, "zero_shot": run_zero_shot,
-                       "retrieval": run_retrieval}[proto](runs, args, F)
+                       "retrieval": run_retrieval}[kind](runs, args, F)
             entry["results"] = res
-            if proto in ("knn", "linear_probe"):
+            if kind in ("knn", "linear_probe"):
                 entry["majority"] = majority_baseline(runs, args, F)
         except (EvalDataError, ValueError) as e:  # bad arguments or data this protocol cannot use
             log.error("%s failed: %s", proto, e)
@@ -387,7 +399,8 @@ def _attribute_figure(results: dict, out_dir: str) -> None:
     """attributes.png: k-NN and linear-probe accuracy per attribute per run, against the majority class."""
     from fastenc.analysis.curves import plot_attribute_accuracy
 
-    protos = {p: e for p, e in results["protocols"].items() if p in ("knn", "linear_probe") and "results" in e}
+    protos = {p: e for p, e in results["protocols"].items()
+              if protocol_type(p) in ("knn", "linear_probe") and "results" in e}
     if not protos:
         return
     tables = {p: {run: {lab: _accuracy(v) for lab, v in r.items() if _accuracy(v) is not None}
@@ -432,7 +445,8 @@ def render_report(results: dict) -> str:
             lines += [f"**failed:** {entry['error']}", f"\n({entry['seconds']} s)"]
             continue
         res = entry["results"]
-        if proto in ("knn", "linear_probe"):
+        kind = protocol_type(proto)
+        if kind in ("knn", "linear_probe"):
             labels = list(dict.fromkeys(lab for r in res.values() for lab in r))  # the suite's order
             lines += ["| run | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
             skipped = {}
@@ -446,17 +460,17 @@ def render_report(results: dict) -> str:
             lines.append("top-1 accuracy on the test split, % (linear probe: best over epochs, the paper's report; "
                          "majority class: always answering the most frequent test class)")
             lines += [f"n/a for {lab}: {why}" for lab, why in skipped.items()]
-        elif proto in ("zero_shot", "retrieval"):
-            keys = sorted({k for r in res.values() for k in r if k != "skipped"})
+        elif kind in ("zero_shot", "retrieval"):
+            keys = list(dict.fromkeys(k for r in res.values() for k in r if k != "skipped"))
             lines += ["| run | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
             for run, r in res.items():
                 if "skipped" in r:
                     lines.append(f"| {run} | " + " | ".join(["n/a"] * len(keys)) + f" |  ({r['skipped']})")
                 else:
                     lines.append(f"| {run} | " + " | ".join(_fmt(r.get(k, "-")) for k in keys) + " |")
-        elif proto == "loss_curves":
+        elif kind == "loss_curves":
             lines.append(f"![loss curves]({res['png']})" if "png" in res else f"skipped: {res.get('skipped')}")
-        elif proto == "pairs":
+        elif kind == "pairs":
             if "skipped" in res:
                 lines.append(f"skipped: {res['skipped']}")
             else:

@@ -55,7 +55,11 @@ def _suite(tmp_path, tiny_data, **changes):  # noqa: F811
 
 def test_suite_runs_every_protocol_and_writes_the_report(runs, tiny_data, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    assert main(["eval", *runs, "init:" + runs[0], "--suite", _suite(tmp_path, tiny_data), "--out", str(out)]) == 0
+    words = {"dataset": "val", "label": "word_id", "templates": ['the word "{}"'],
+             "class_names": ["cat", "dog", "sun", "moon", "tree", "fish", "bird", "book", "cake", "door", "frog",
+                             "kite", "lamp", "milk", "note", "rain", "rose", "wolf", "zero", "jazz"]}
+    suite = _suite(tmp_path, tiny_data, **{"zero_shot.word": words})  # TYPE.TAG: a second zero-shot
+    assert main(["eval", *runs, "init:" + runs[0], "--suite", suite, "--out", str(out)]) == 0
     res = json.load(open(out / "results.json"))
     p = res["protocols"]
     assert set(res["runs"]) == {"clip_tiny", "dino_tiny", "clip_tiny@init"}
@@ -66,10 +70,14 @@ def test_suite_runs_every_protocol_and_writes_the_report(runs, tiny_data, tmp_pa
         assert 0 <= p["linear_probe"]["results"][run]["color_id"]["best_accuracy"] <= 1
     assert p["zero_shot"]["results"]["dino_tiny"] == {"skipped": "no text tower"}
     assert "top1" in json.dumps(p["zero_shot"]["results"]["clip_tiny"]).lower().replace("@", "")
+    # images without a word (word_id -1) are left out of the word zero-shot rather than failing it
+    assert set(p["zero_shot.word"]["results"]["clip_tiny"]) == {"top1", "top5"}
+    assert p["zero_shot.word"]["results"]["dino_tiny"] == {"skipped": "no text tower"}
     assert any("R@1" in k for k in p["retrieval"]["results"]["clip_tiny"])
     assert "skipped" not in p["pairs"]["results"]
     report = open(out / "report.md").read()
-    for section in ("## knn", "## linear_probe", "## zero_shot", "## retrieval", "## pairs", "## loss_curves"):
+    for section in ("## knn", "## linear_probe", "## zero_shot", "## zero_shot.word", "## retrieval", "## pairs",
+                    "## loss_curves"):
         assert section in report
     assert os.path.isfile(out / "loss_curves.png") and os.path.isfile(out / "attributes.png")
     assert "![accuracy per attribute](attributes.png)" in report
