@@ -359,7 +359,7 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
         entry = results["protocols"][proto] = {"args": args}
         try:
             if kind == "pairs":
-                res = run_pairs(runs, args, F, out_dir)
+                res = run_pairs(runs, args, F, os.path.join(out_dir, proto))  # pairs.json, sharing.md, PNGs
             elif kind == "loss_curves":
                 res = run_loss_curves(runs, args, out_dir)
             else:
@@ -377,7 +377,7 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(_finite(results), f, indent=1, default=_jsonable, allow_nan=False)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(render_report(results))
+        f.write(render_report(results, out_dir))
     if failed:
         raise EvalDataError(f"{len(failed)} protocol(s) failed (the others are in {out_dir}/report.md): "
                             + "; ".join(failed))
@@ -433,7 +433,7 @@ def _fmt(v):
     return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
 
 
-def render_report(results: dict) -> str:
+def render_report(results: dict, out_dir: str = ".") -> str:
     """report.md: one table per protocol (accuracies in %), figures linked."""
     lines = [f"# Evaluation: {results['suite']}", "", "| run | source |", "| --- | --- |"]
     lines += [f"| {n} | `{s}` |" for n, s in results["runs"].items()]
@@ -479,6 +479,6 @@ def render_report(results: dict) -> str:
                 lines.append(report_markdown(res).split("\n", 1)[1])  # its own title is this section's
                 for key, path in res.get("files", {}).items():
                     if key.startswith("png_"):
-                        lines.append(f"![{key[4:]}]({os.path.basename(path)})")
+                        lines.append(f"![{key[4:]}]({os.path.relpath(path, out_dir)})")
         lines.append(f"\n({entry['seconds']} s)")
     return "\n".join(lines) + "\n"

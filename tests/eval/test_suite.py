@@ -91,7 +91,9 @@ def test_suite_runs_every_protocol_and_writes_the_report(runs, tiny_data, tmp_pa
     assert p["knn"]["majority"]["color_id"] == pytest.approx(expected)
     assert p["linear_probe"]["majority"] == {"color_id": pytest.approx(expected)}
     assert report.count("| *majority class* |") == 2
-    assert any(f.endswith(".png") and "pair" in f for f in os.listdir(out))
+    assert sorted(os.listdir(out / "pairs")) == ["pairs.json", "pairs_clip_tiny_high.png", "pairs_dino_tiny_high.png",
+                                                 "sharing.md"]
+    assert "![clip_tiny_high](pairs/pairs_clip_tiny_high.png)" in report
     # features were cached: a second run reads them
     assert os.listdir(out / "feature_cache")
 
