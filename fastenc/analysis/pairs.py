@@ -69,15 +69,7 @@ class PairThresholds:
     a_low: float = 0.5
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            v = getattr(self, field.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -1 <= v <= 1:
-                raise ValueError(f"threshold {field.name}={v!r}: must be a finite cosine in [-1, 1]")
-            object.__setattr__(self, field.name, float(v))
-        for hi, lo in (("a_high", "a_low"), ("b_high", "b_low")):
-            if getattr(self, hi) < getattr(self, lo):
-                raise ValueError(f"threshold {hi}={getattr(self, hi)} is below {lo}={getattr(self, lo)}: an encoder's "
-                                 f"'high' cut must not be under its 'low' cut (the two sides could then overlap)")
+        _check_cuts(self, "threshold", -1.0, "a finite cosine in [-1, 1]")
 
     def describe(self, names: Sequence[str] = ("a", "b"), quantiles: "QuantileThresholds | None" = None) -> dict:
         """Human-readable criteria per side, keyed "<a>_high" / "<b>_high" (with the quantiles the cuts came from)."""
@@ -89,6 +81,20 @@ class PairThresholds:
 
         return {f"{a}_high": f"cos_{a} > {cut('a_high')} and cos_{b} < {cut('b_low')}",
                 f"{b}_high": f"cos_{b} > {cut('b_high')} and cos_{a} < {cut('a_low')}"}
+
+
+def _check_cuts(cuts, what: str, lowest: float, allowed: str) -> None:
+    """Both threshold dataclasses: every field a finite number in [lowest, 1] (stored as float), and each encoder's
+    'high' cut not under its 'low' cut (the two sides could then overlap)."""
+    for field in dataclasses.fields(cuts):
+        v = getattr(cuts, field.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lowest <= v <= 1:
+            raise ValueError(f"{what} {field.name}={v!r}: must be {allowed}")
+        object.__setattr__(cuts, field.name, float(v))
+    for hi, lo in (("a_high", "a_low"), ("b_high", "b_low")):
+        if getattr(cuts, hi) < getattr(cuts, lo):
+            raise ValueError(f"{what} {hi}={getattr(cuts, hi)} is below {lo}={getattr(cuts, lo)}: an encoder's "
+                             f"'high' cut must not be under its 'low' cut (the two sides could then overlap)")
 
 
 PAPER_THRESHOLDS = PairThresholds()
@@ -111,14 +117,7 @@ class QuantileThresholds:
     a_low: float = 0.5
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            v = getattr(self, field.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
-                raise ValueError(f"quantile {field.name}={v!r}: must be in [0, 1]")
-            object.__setattr__(self, field.name, float(v))
-        for hi, lo in (("a_high", "a_low"), ("b_high", "b_low")):
-            if getattr(self, hi) < getattr(self, lo):
-                raise ValueError(f"quantile {hi}={getattr(self, hi)} is below {lo}={getattr(self, lo)}")
+        _check_cuts(self, "quantile", 0.0, "in [0, 1]")
 
     def resolve(self, cos_a: torch.Tensor, cos_b: torch.Tensor) -> PairThresholds:
         """Absolute cuts: the quantiles of cos_a (a_high, a_low) and cos_b (b_high, b_low), float64."""
