@@ -377,15 +377,16 @@ def _write_atomically(path: str, write) -> None:
 
 
 def _save(feats: Features, stem: str) -> None:
-    """<stem>.json (ids, captions, classes) first, <stem>.safetensors (feats, labels) last: an entry is read only
-    when both exist, so an interrupted write leaves no entry that looks complete."""
+    """<stem>.json (ids, captions, classes, label order) first, <stem>.safetensors (feats, labels) last: an entry
+    is read only when both exist, so an interrupted write leaves no entry that looks complete."""
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
 
     def write_json(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"ids": feats.ids, "captions": feats.captions, "classes": feats.classes}, f)
+            json.dump({"ids": feats.ids, "captions": feats.captions, "classes": feats.classes,
+                       "labels": list(feats.labels)}, f)
 
     _write_atomically(stem + ".json", write_json)
     tensors = {"feats": feats.feats.contiguous(), **{f"label.{k}": v for k, v in feats.labels.items()}}
@@ -398,7 +399,8 @@ def _load(stem: str) -> Features:
     tensors = load_file(stem + ".safetensors")
     with open(stem + ".json", encoding="utf-8") as f:
         meta = json.load(f)
-    labels = {k[len("label."):]: v for k, v in tensors.items() if k.startswith("label.")}
+    # in the dataset's order (safetensors stores tensors sorted by name)
+    labels = {k: tensors[f"label.{k}"] for k in meta["labels"]}
     return Features(tensors["feats"], labels, meta["captions"], meta["ids"], meta["classes"])
 
 

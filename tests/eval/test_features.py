@@ -243,3 +243,15 @@ def test_pool_applies_fc_norm(folder, overrides, pool):
         x = image_transform(32, train=False)(decode_image(fh.read()))
     with torch.no_grad():
         torch.testing.assert_close(feats[0], torch.nn.functional.normalize(enc(x[None]), dim=-1)[0])
+
+
+def test_cache_keeps_the_label_order(encoder, shards, tmp_path):
+    """Tables list labels in the suite's order; safetensors sorts tensor names, so the cache records the order."""
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(ckpt))
+    spec = DatasetSpec(shards=shards, labels=("word_id", "category_id", "color_id"), max_samples=8)
+    first = extract(encoder, spec, checkpoint=str(ckpt), cache_dir=str(tmp_path / "c"), progress=None)
+    again = extract(encoder, spec, checkpoint=str(ckpt), cache_dir=str(tmp_path / "c"), progress=None)
+    assert list(first.labels) == list(again.labels) == ["word_id", "category_id", "color_id"]
