@@ -176,7 +176,8 @@ def test_cache_keeps_ids_in_a_json_sidecar(encoder, folder, tmp_path, monkeypatc
     (sidecar,) = cache.glob("*.json")
     with safe_open(str(sidecar.with_suffix(".safetensors")), "pt") as f:  # ids stay out of the (limited) header
         assert "ids" not in (f.metadata() or {})
-    assert json.loads(sidecar.read_text()) == {"ids": first.ids, "captions": None, "classes": first.classes}
+    assert json.loads(sidecar.read_text()) == {"ids": first.ids, "captions": None, "classes": first.classes,
+                                                  "labels": ["label"]}
     sidecar.unlink()  # an entry without its .json is no entry: recomputed
     monkeypatch.setattr(encoder, "forward_features", lambda x: 1 / 0)
     with pytest.raises(ZeroDivisionError):
