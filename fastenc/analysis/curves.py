@@ -50,11 +50,13 @@ def plot_attribute_accuracy(tables: dict[str, dict[str, dict[str, float]]], out_
                 ax.hlines(100 * baseline[a], j - 0.45, j + 0.45, colors="k", linestyles="--", linewidth=1,
                           label="majority class" if j == 0 else None)
         ax.set_xticks(range(len(attrs)), [a.replace("_id", "").replace(":", " ") for a in attrs])
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 118)  # headroom for the legend row above 100 %
+        ax.set_yticks(range(0, 101, 20))
         ax.set_ylabel("top-1 accuracy, %")
         ax.set_title(proto.replace("_", " "))
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper right")
+    for ax in axes[0]:
+        ax.legend(fontsize=7, loc="upper center", ncol=4, frameon=False)
     return save_figure(fig, out_png)
 
 
