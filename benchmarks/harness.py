@@ -14,7 +14,6 @@ import datetime as _dt
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,20 +47,12 @@ def usable_cores() -> int:
 
 
 def git_revision(repo: str = REPO_ROOT) -> str:
-    """Short HEAD hash, "-dirty" if anything outside benchmarks/results/ differs from it (untracked files included).
+    """Short HEAD hash, "-dirty" if anything outside benchmarks/results/ differs from it (fastenc.utils.provenance)."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from fastenc.utils.provenance import git_revision as revision
 
-    `--no-optional-locks` keeps `git status` from refreshing the index: this function never writes to .git.
-    """
-    try:
-        rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.strip()
-        status = subprocess.run(["git", "--no-optional-locks", "-C", repo, "status", "--porcelain"],
-                                capture_output=True, text=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    changed = [line[3:] for line in status.splitlines() if line.strip()]
-    changed = [p for p in changed if not p.strip('"').startswith("benchmarks/results/")]
-    return rev + ("-dirty" if changed else "")
+    return revision(repo)
 
 
 def _version(module: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 
@@ -226,7 +227,7 @@ def run_eval_suite(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         results = run_suite(args.runs, resolve_suite(args.suite), args.out, cache_dir=args.cache_dir,
-                            device=args.device)
+                            device=args.device, command=getattr(args, "command", None))
     except EvalDataError as e:
         print(f"fastenc eval: {e}", file=sys.stderr)
         return 2
@@ -241,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="fastenc eval", description="evaluate run dirs with an eval suite "
                                     "(`fastenc eval knn ...` is the single k-NN command)")
         add_eval_suite_args(p)
-        return run_eval_suite(p.parse_args(argv[1:]))
+        args = p.parse_args(argv[1:])
+        args.command = shlex.join(["fastenc", *argv])
+        return run_eval_suite(args)
     parser = argparse.ArgumentParser(prog="fastenc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 

@@ -7,6 +7,7 @@
 
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -16,4 +17,6 @@ from fastenc.cli import add_eval_suite_args, run_eval_suite  # noqa: E402
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_suite_args(parser)
-    sys.exit(run_eval_suite(parser.parse_args()))
+    args = parser.parse_args()
+    args.command = shlex.join(["python", "launch/evaluate.py", *sys.argv[1:]])
+    sys.exit(run_eval_suite(args))

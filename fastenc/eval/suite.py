@@ -332,9 +332,10 @@ def _parse_source(source: str) -> tuple[str | None, str]:
 
 
 def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None,
-              device: str = "cpu") -> dict:
-    """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md.
-    Raises EvalDataError (after writing both) if a protocol failed."""
+              device: str = "cpu", command: str | None = None) -> dict:
+    """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md (with
+    `command`, the code's git revision and the time, for whoever reads them later). Raises EvalDataError (after
+    writing both) if a protocol failed."""
     from fastenc.eval.runs import load_run
 
     suite = load_suite(suite_path)
@@ -349,7 +350,12 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
         raise EvalDataError(f"two runs share a name ({names}): name them on the command line, NAME=RUN_DIR")
     os.makedirs(out_dir, exist_ok=True)
     F = _Features(suite, cache_dir or os.path.join(out_dir, "feature_cache"), device)
-    results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs}, "protocols": {}}
+    from fastenc.utils.provenance import git_revision
+
+    results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs},
+               "made_by": {"command": command, "suite_file": suite_path, "git": git_revision(), "device": device,
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+               "protocols": {}}
     failed = []
     for proto, args in (suite.get("protocols") or {}).items():
         args = args or {}
@@ -435,7 +441,12 @@ def _fmt(v):
 
 def render_report(results: dict, out_dir: str = ".") -> str:
     """report.md: one table per protocol (accuracies in %), figures linked."""
-    lines = [f"# Evaluation: {results['suite']}", "", "| run | source |", "| --- | --- |"]
+    lines = [f"# Evaluation: {results['suite']}", ""]
+    made = results.get("made_by") or {}
+    if made:
+        lines += [f"Made by `{made.get('command') or 'fastenc.eval.suite.run_suite'}` (suite `{made['suite_file']}`) "
+                  f"at git {made['git']} on {made['device']}, {made['time']}.", ""]
+    lines += ["| run | source |", "| --- | --- |"]
     lines += [f"| {n} | `{s}` |" for n, s in results["runs"].items()]
     if "attributes" in results.get("figures", {}):
         lines += ["", f"![accuracy per attribute]({results['figures']['attributes']})"]
@@ -476,7 +487,7 @@ def render_report(results: dict, out_dir: str = ".") -> str:
             else:
                 from fastenc.analysis.pairs import report_markdown
 
-                lines.append(report_markdown(res).split("\n", 1)[1])  # its own title is this section's
+                lines.append(report_markdown(res).split("\n", 1)[1].lstrip("\n"))  # its own title is this section's
                 for key, path in res.get("files", {}).items():
                     if key.startswith("png_"):
                         lines.append(f"![{key[4:]}]({os.path.relpath(path, out_dir)})")

@@ -63,6 +63,7 @@ def test_suite_runs_every_protocol_and_writes_the_report(runs, tiny_data, tmp_pa
     res = json.load(open(out / "results.json"))
     p = res["protocols"]
     assert set(res["runs"]) == {"clip_tiny", "dino_tiny", "clip_tiny@init"}
+    assert res["made_by"]["command"].startswith("fastenc eval ") and res["made_by"]["git"]  # provenance
     assert set(p["knn"]["results"]["clip_tiny@init"]) == {"category_id", "color_id", "word_id"}
     assert "top1" in json.dumps(p["zero_shot"]["results"]["clip_tiny@init"]).lower().replace("@", "")
     for run in ("clip_tiny", "dino_tiny"):
@@ -76,6 +77,7 @@ def test_suite_runs_every_protocol_and_writes_the_report(runs, tiny_data, tmp_pa
     assert any("R@1" in k for k in p["retrieval"]["results"]["clip_tiny"])
     assert "skipped" not in p["pairs"]["results"]
     report = open(out / "report.md").read()
+    assert report.splitlines()[2].startswith("Made by `fastenc eval ")
     for section in ("## knn", "## linear_probe", "## zero_shot", "## zero_shot.word", "## retrieval", "## pairs",
                     "## loss_curves"):
         assert section in report
@@ -253,3 +255,24 @@ def test_zero_shot_refuses_wordnet_ids_as_class_names(runs, tmp_path):  # noqa: 
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
     res = run_suite([runs[0]], str(tmp_path / "s.yaml"), str(tmp_path / "o"))
     assert "skipped" not in res["protocols"]["zero_shot"]["results"]["clip_tiny"]
+
+
+def test_launcher_form(runs, tiny_data, tmp_path):  # noqa: F811
+    """python launch/evaluate.py is the same command: a report with its own command line, exit 2 on bad input."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    suite = _suite(tmp_path, tiny_data, pairs={"dataset": "val", "num_pairs": 10})
+    s = yaml.safe_load(open(suite))
+    for proto in ("linear_probe", "zero_shot", "retrieval"):  # a short suite: k-NN, pairs, loss curves
+        s["protocols"].pop(proto)
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(s))
+    cmd = [sys.executable, os.path.join(root, "launch", "evaluate.py"), runs[1], "--suite", suite, "--out"]
+    done = subprocess.run([*cmd, str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    made = json.loads((tmp_path / "out" / "results.json").read_text())["made_by"]
+    assert made["command"].startswith("python launch/evaluate.py ")
+    bad = subprocess.run([*cmd[:2], str(tmp_path / "nope"), *cmd[3:], str(tmp_path / "o2")], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 2 and "not found" in bad.stderr
