@@ -353,7 +353,7 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
     from fastenc.utils.provenance import git_revision
 
     results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs},
-               "made_by": {"command": command, "suite_file": suite_path, "git": git_revision(), "device": device,
+               "made_by": {"command": command, "suite_file": _display_path(suite_path), "git": git_revision(), "device": device,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                "protocols": {}}
     failed = []
@@ -388,6 +388,12 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
         raise EvalDataError(f"{len(failed)} protocol(s) failed (the others are in {out_dir}/report.md): "
                             + "; ".join(failed))
     return results
+
+
+def _display_path(path: str) -> str:
+    """Relative to the working directory when below it (reports stay portable), else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _finite(x):
