@@ -209,6 +209,9 @@ def add_eval_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the encoders run (default: cuda "
                    "when available, else cpu)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes for feature extraction (default 0: "
+                   "in this process, right for the toy suite; ImageNet wants about one per core)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder call during extraction")
 
 
 def _cuda() -> bool:
@@ -227,7 +230,8 @@ def run_eval_suite(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         results = run_suite(args.runs, resolve_suite(args.suite), args.out, cache_dir=args.cache_dir,
-                            device=args.device, command=getattr(args, "command", None))
+                            device=args.device, command=getattr(args, "command", None), num_workers=args.workers,
+                            batch_size=args.batch_size)
     except EvalDataError as e:
         print(f"fastenc eval: {e}", file=sys.stderr)
         return 2

@@ -204,7 +204,7 @@ class DatasetSpec:
     time; kept in sorted order), because the first N in sorted order would be only the first few classes. On
     shards, the first N samples in reading order (see the module docstring), a fair sample because shards are
     written shuffled (synthetic sets, webdatasets); with several loader workers, which N also depends on
-    num_workers and batch_size, which the cache key does not cover.
+    num_workers and batch_size, so the cache key then includes them.
     """
 
     folder: str = ""
@@ -248,7 +248,10 @@ def _batches(dataset: DatasetSpec, image_size: int, batch_size: int, num_workers
     from fastenc.data.loader import build_loader
 
     labels = list(dataset.labels)
-    loader = build_loader(_shard_paths(dataset), sample_fn=_ShardSample(image_size, labels, dataset.captions),
+    paths = _shard_paths(dataset)
+    # a worker reads whole shards: more workers than shards would leave some without data (build_loader refuses)
+    num_workers = min(num_workers, len(paths))
+    loader = build_loader(paths, sample_fn=_ShardSample(image_size, labels, dataset.captions),
                           batch_size=batch_size, num_workers=num_workers, shuffle_buffer=0, resampled=False,
                           drop_last=False, collate_fn=_collate_shards)
     return loader, None, {}, labels
@@ -322,7 +325,10 @@ def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *,
     image_size = int(encoder.img_size)
     stem = None
     if cache_dir and checkpoint:
-        stem = os.path.join(cache_dir, cache_key(checkpoint, dataset, spec, image_size, extra_key))
+        # The first max_samples of shards depend on how workers interleave them: then the layout is part of the key.
+        layout = f"workers={num_workers},batch={batch_size}" if dataset.shards and dataset.max_samples else None
+        stem = os.path.join(cache_dir, cache_key(checkpoint, dataset, spec, image_size,
+                                                 extra_key if layout is None else f"{extra_key}|{layout}"))
         if os.path.isfile(stem + ".json") and os.path.isfile(stem + ".safetensors"):
             return _load(stem)
     loader, total, classes, label_names = _batches(dataset, image_size, batch_size, num_workers)

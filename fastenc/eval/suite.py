@@ -124,8 +124,9 @@ def _dataset(suite: dict, name: str) -> DatasetSpec:
 class _Features:
     """Per (run, dataset, space): features, extracted once per suite run (and cached on disk)."""
 
-    def __init__(self, suite, cache_dir, device="cpu"):
+    def __init__(self, suite, cache_dir, device="cpu", num_workers=0, batch_size=256):
         self.suite, self.cache_dir, self.memo, self.device = suite, cache_dir, {}, device
+        self.loader = {"num_workers": num_workers, "batch_size": batch_size}
         try:
             self.spec = FeatureSpec(**{"normalize": False, **(suite.get("features") or {})})
         except TypeError as e:
@@ -137,7 +138,7 @@ class _Features:
             spec = FeatureSpec(space="joint") if joint else self.spec
             self.memo[key] = extract(run.encoder, _dataset(self.suite, dataset), spec, checkpoint=run.checkpoint,
                                      cache_dir=self.cache_dir, progress=f"{run.name} {dataset}",
-                                     embed=run.encode_image if joint else None, device=self.device,
+                                     embed=run.encode_image if joint else None, device=self.device, **self.loader,
                                      extra_key=run.objective_identity() if joint else None)
         return self.memo[key]
 
@@ -332,10 +333,12 @@ def _parse_source(source: str) -> tuple[str | None, str]:
 
 
 def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None,
-              device: str = "cpu", command: str | None = None) -> dict:
+              device: str = "cpu", command: str | None = None, num_workers: int = 0,
+              batch_size: int = 256) -> dict:
     """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md (with
     `command`, the code's git revision and the time, for whoever reads them later). Raises EvalDataError (after
-    writing both) if a protocol failed."""
+    writing both) if a protocol failed. num_workers / batch_size: the feature extraction's data loader (decoding
+    processes; images per encoder call)."""
     from fastenc.eval.runs import load_run
 
     suite = load_suite(suite_path)
@@ -349,12 +352,12 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
     if len(set(names)) != len(names):
         raise EvalDataError(f"two runs share a name ({names}): name them on the command line, NAME=RUN_DIR")
     os.makedirs(out_dir, exist_ok=True)
-    F = _Features(suite, cache_dir or os.path.join(out_dir, "feature_cache"), device)
+    F = _Features(suite, cache_dir or os.path.join(out_dir, "feature_cache"), device, num_workers, batch_size)
     from fastenc.utils.provenance import git_revision
 
     results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs},
-               "made_by": {"command": command, "suite_file": _display_path(suite_path), "git": git_revision(), "device": device,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+               "made_by": {"command": command, "suite_file": _display_path(suite_path), "git": git_revision(),
+                           "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                "protocols": {}}
     failed = []
     for proto, args in (suite.get("protocols") or {}).items():

@@ -256,3 +256,25 @@ def test_cache_keeps_the_label_order(encoder, shards, tmp_path):
     first = extract(encoder, spec, checkpoint=str(ckpt), cache_dir=str(tmp_path / "c"), progress=None)
     again = extract(encoder, spec, checkpoint=str(ckpt), cache_dir=str(tmp_path / "c"), progress=None)
     assert list(first.labels) == list(again.labels) == ["word_id", "category_id", "color_id"]
+
+
+def test_worker_processes_keep_features_labels_and_ids_aligned(encoder, shards, tmp_path):
+    """Extraction with decoding workers gives every sample once, each with its own feature and labels (the order
+    of shards may interleave); with max_samples on shards the worker layout is part of the cache key."""
+    spec = DatasetSpec(shards=shards, labels=("category_id", "color_id"))
+    one = extract(encoder, spec, progress=None)
+    two = extract(encoder, spec, num_workers=2, batch_size=8, progress=None)
+    assert sorted(two.ids) == sorted(one.ids)
+    pos = {i: n for n, i in enumerate(one.ids)}
+    order = torch.tensor([pos[i] for i in two.ids])
+    torch.testing.assert_close(two.feats, one.feats[order], rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(two.labels[k], one.labels[k][order]) for k in one.labels)
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(ckpt))
+    limited = DatasetSpec(shards=shards, labels=("category_id",), max_samples=10)
+    for workers in (0, 2):
+        extract(encoder, limited, checkpoint=str(ckpt), cache_dir=str(tmp_path / "c"), num_workers=workers,
+                batch_size=4, progress=None)
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2

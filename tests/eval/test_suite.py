@@ -268,7 +268,8 @@ def test_launcher_form(runs, tiny_data, tmp_path):  # noqa: F811
     for proto in ("linear_probe", "zero_shot", "retrieval"):  # a short suite: k-NN, pairs, loss curves
         s["protocols"].pop(proto)
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(s))
-    cmd = [sys.executable, os.path.join(root, "launch", "evaluate.py"), runs[1], "--suite", suite, "--out"]
+    cmd = [sys.executable, os.path.join(root, "launch", "evaluate.py"), runs[1], "--suite", suite, "--workers", "2",
+           "--out"]
     done = subprocess.run([*cmd, str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     made = json.loads((tmp_path / "out" / "results.json").read_text())["made_by"]
