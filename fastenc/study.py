@@ -183,9 +183,43 @@ def check_controlled(configs: list[Config], labels: list[str]) -> list[str]:
     return problems
 
 
+def _run_dir(cfg: Config) -> str:
+    """Where a study run lives: output_dir/name (the trainer's run dir when it is not taken)."""
+    return os.path.join(cfg.run.output_dir, cfg.run.name)
+
+
+def run_state(cfg: Config) -> tuple[str, str]:
+    """Where a study run stands, for `study run` to start, continue or skip it: ("new", ...) no run dir yet;
+    ("done", ...) trained to schedule.steps and exported with this config; ("partial", ...) a run dir of this config
+    without its export (interrupted: resume); ("other", why) a run dir that is not this run (another config, or not
+    a fastenc run dir): `study run` refuses rather than train next to it or overwrite it."""
+    from fastenc.config import config_hash
+    from fastenc.engine.checkpoint import latest_tag
+    from fastenc.engine.logging import metrics_history
+
+    run_dir = _run_dir(cfg)
+    if not os.path.exists(run_dir):
+        return "new", f"no run dir {run_dir} yet"
+    try:
+        recorded = load_run_or_recipe(run_dir)
+    except ConfigError as e:
+        return "other", f"{run_dir} exists but is not a fastenc run dir of this study ({e}): move it away"
+    if config_hash(recorded) != config_hash(cfg):
+        keys = ", ".join(k for k, _, _ in diff_configs(recorded, cfg).differences) or "(formatting only)"
+        return "other", (f"{run_dir} holds a run of another config (differs in: {keys}): move it away, or give this "
+                         "study's runs other names (run.name=... in the study's overrides)")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    history = metrics_history(metrics) if os.path.isfile(metrics) else []
+    step = history[-1]["step"] if history else 0
+    if os.path.isfile(os.path.join(run_dir, "export", "encoder.safetensors")) and step >= cfg.schedule.steps:
+        return "done", f"{run_dir} is trained (step {step} of {cfg.schedule.steps}, exported)"
+    tag = latest_tag(os.path.join(run_dir, "checkpoints"))
+    return "partial", f"{run_dir} stopped at step {step} (checkpoint: {tag or 'none, so from step 0'})"
+
+
 def _recorded(cfg: Config) -> tuple[str, Config, dict | None]:
     """(run dir, its recorded config, its fingerprint.json or None) for a study run; ConfigError if never run."""
-    run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
+    run_dir = _run_dir(cfg)
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         raise ConfigError(f"run dir {run_dir} has no config.yaml: run the study first (`fastenc study run`)")
     recorded = load_run_or_recipe(run_dir)
@@ -225,11 +259,23 @@ def run_study_command(args) -> int:
 
         script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(fastenc.__file__))), "launch",
                               "pretrain.py")
-        for recipe, cfg in zip(study.recipes, study.configs):
+        states = [run_state(cfg) for cfg in study.configs]
+        other = [(cfg.run.name, detail) for cfg, (state, detail) in zip(study.configs, states) if state == "other"]
+        if other:
+            for name, detail in other:
+                print(f"study {study.name}: {name}: {detail}", file=sys.stderr)
+            return 1
+        for recipe, cfg, (state, detail) in zip(study.recipes, study.configs, states):
+            if state == "done":
+                print(f"study {study.name}: {cfg.run.name}: {detail}; skipped", flush=True)
+                continue
             prefix = args.launcher.split() if args.launcher else [sys.executable]
             cmd = [*prefix, script, "--config", recipe, *study.overrides]
             if args.max_steps is not None:
                 cmd[len(prefix) + 1:len(prefix) + 1] = ["--max-steps", str(args.max_steps)]
+            if state == "partial":  # an interrupted run (or study) continues where its last checkpoint left it
+                cmd[len(prefix) + 1:len(prefix) + 1] = ["--resume", _run_dir(cfg)]
+                print(f"study {study.name}: {cfg.run.name}: {detail}; resuming", flush=True)
             print(f"study {study.name}: {cfg.run.name}: {' '.join(cmd)}", flush=True)
             rc = subprocess.call(cmd)
             if rc != 0:

@@ -134,3 +134,43 @@ def test_study_report(tmp_path, capsys):
     _fake_run(out, f"{CPU}/dino_tiny.yaml", shards, shard_listing=[["b.tar", 10]])
     assert main(["study", "report", str(study)]) == 1
     assert "data.shard_listing" in capsys.readouterr().err
+
+
+def test_study_run_skips_finished_runs_resumes_interrupted_ones_and_refuses_strangers(tmp_path, capsys, monkeypatch):
+    """`study run` again after an interruption: a run trained to schedule.steps and exported is skipped, one that
+    stopped part-way is resumed from its run dir, and a run dir holding another config stops the study (exit 1)
+    before anything is launched."""
+    import subprocess
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(b"x" * 10)
+    out = tmp_path / "runs"
+    study = tmp_path / "study.yaml"
+    steps = ["schedule.steps=5", "schedule.warmup_steps=1"]
+    study.write_text(f"name: s\nruns: [{CPU}/clip_tiny.yaml, {CPU}/siglip_tiny.yaml, {CPU}/dino_tiny.yaml]\n"
+                     f"overrides: [run.output_dir={out}, data.train_shards={shards}, {', '.join(steps)}]\n")
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    _fake_run(out, f"{CPU}/clip_tiny.yaml", shards, steps)  # metrics reach step 5 ...
+    (out / "clip_tiny" / "export").mkdir()
+    (out / "clip_tiny" / "export" / "encoder.safetensors").write_bytes(b"")  # ... and it exported: done
+    _fake_run(out, f"{CPU}/siglip_tiny.yaml", shards, steps)
+    with open(out / "siglip_tiny" / "metrics.jsonl", "w") as f:  # stopped at step 3
+        f.write(json.dumps({"step": 3, "loss": 2.0, "samples_seen": 384}) + "\n")
+    assert main(["study", "run", str(study)]) == 0
+    text = capsys.readouterr().out
+    assert "clip_tiny" in text and "is trained (step 5 of 5, exported); skipped" in text
+    assert "stopped at step 3" in text and "resuming" in text
+    assert len(launched) == 2  # siglip (resumed) and dino (new); clip not relaunched
+    assert launched[0][launched[0].index("--resume") + 1] == str(out / "siglip_tiny")
+    assert "--resume" not in launched[1] and launched[1][launched[1].index("--config") + 1].endswith("dino_tiny.yaml")
+    # a run dir of the same name but another config: refused before anything starts
+    launched.clear()
+    import shutil
+
+    shutil.rmtree(out / "siglip_tiny")
+    _fake_run(out, f"{CPU}/siglip_tiny.yaml", shards, [*steps, "optim.lr=0.5"])
+    assert main(["study", "run", str(study)]) == 1
+    err = capsys.readouterr().err
+    assert "holds a run of another config (differs in: optim.lr)" in err and not launched
