@@ -793,7 +793,8 @@ def render_pairs(pairs, load_image: Callable[[int], object], out_png: str, *, co
                  names: Sequence[str] = ("a", "b"), attributes: Mapping[str, object] | None = None,
                  title: str | None = None, cell: int = 128, columns: int = 2) -> str:
     """Draw each pair (i, j) of `pairs` ([k, 2], best first) as two images side by side, captioned with its rank,
-    the two cosines (when given), the image indices and the attributes the two images share (present and equal).
+    the two cosines (when given: "cos_a / cos_b"), the image indices and the attributes the two images share
+    (present and equal; "_id" dropped from their names).
     load_image(index) -> PIL.Image; each image is fitted into a cell x cell square. Size: pair_grid_size.
     Written to a temporary file renamed into place; returns out_png."""
     from PIL import Image, ImageDraw, ImageOps
@@ -845,13 +846,14 @@ def render_pairs(pairs, load_image: Callable[[int], object], out_png: str, *, co
             draw.rectangle([cx, y, cx + cell - 1, y + cell - 1], fill=(235, 235, 235))
             sheet.paste(img, (cx + (cell - img.width) // 2, y + (cell - img.height) // 2))
         head = f"#{r + 1}"
-        if cos_a is not None:
-            head += f"  {a_name}={float(cos_a[r]):.3f}"
-        if cos_b is not None:
-            head += f"  {b_name}={float(cos_b[r]):.3f}"
+        if cos_a is not None and cos_b is not None:  # compact, so that small cells keep both numbers
+            head += f"  {float(cos_a[r]):.3f} / {float(cos_b[r]):.3f}"
+        elif cos_a is not None or cos_b is not None:
+            name, cos = (a_name, cos_a) if cos_a is not None else (b_name, cos_b)
+            head += f"  {name}={float(cos[r]):.3f}"
         lines = [head, f"images {i} & {j}"]
         if attrs:
-            shared = [a for a, v in attrs.items() if int(v[i]) >= 0 and int(v[i]) == int(v[j])]
+            shared = [a.replace("_id", "") for a, v in attrs.items() if int(v[i]) >= 0 and int(v[i]) == int(v[j])]
             lines.append("same: " + (", ".join(shared) if shared else "-"))
         for li, text in enumerate(lines):
             draw.text((x, y + cell + 2 + li * line_h), _fit(draw, text, font, panel_w), font=font,
@@ -970,7 +972,7 @@ def analyze_pairs(feats_a, feats_b, *, names: Sequence[str] = ("clip", "dino"),
                 path = os.path.join(out_dir, f"pairs_{key}.png")
                 top = side.pairs if side.pairs is not None else torch.empty(0, 2, dtype=torch.int64)
                 title = (f"{key}: {result['criteria'][key]}; top {len(side)} of {side.count:,} passing "
-                         f"({scan.num_pairs:,} pairs)")
+                         f"({scan.num_pairs:,} pairs); captions: cos_{an} / cos_{bn}")
                 render_pairs(top, load_image, path, cos_a=side.cos_a, cos_b=side.cos_b, names=names,
                              attributes=attrs or None, title=title, cell=cell, columns=columns)
                 files[f"png_{key}"] = path
