@@ -59,9 +59,11 @@ def extract_features(encoder, shards, label_key, *, max_samples: int | None = No
 
 
 def knn_classify(train_feats, train_labels, test_feats, *, k: int = 20, temperature: float = 0.07,
-                 num_classes: int | None = None, chunk: int = 1024, device=None) -> torch.Tensor:
+                 num_classes: int | None = None, chunk: int | None = None, device=None) -> torch.Tensor:
     """Predicted labels [N_test] (CPU): weighted vote of the k nearest train features by cosine (both sides are
-    L2-normalized here), weights exp(sim / T). Runs on `device` (default: where the features are)."""
+    L2-normalized here), weights exp(sim / T). Runs on `device` (default: where the features are). Test rows go
+    in chunks whose [chunk, N_train] similarity block holds at most 2^27 values (512 MiB fp32; ImageNet's 1.28M
+    train images: 104 rows), unless `chunk` is given."""
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"feature widths differ: train {train_feats.shape[1]}, test {test_feats.shape[1]}")
     if train_feats.shape[0] == 0 or len(train_labels) != train_feats.shape[0]:
@@ -74,6 +76,7 @@ def knn_classify(train_feats, train_labels, test_feats, *, k: int = 20, temperat
     train_labels = train_labels.to(device)
     C = int(num_classes if num_classes is not None else train_labels.max() + 1)
     k = min(k, train_feats.shape[0])
+    chunk = chunk or max(1, min(4096, (1 << 27) // train_feats.shape[0]))
     preds = []
     for start in range(0, test_feats.shape[0], chunk):
         test = torch.nn.functional.normalize(test_feats[start:start + chunk].to(device).float(), dim=1)

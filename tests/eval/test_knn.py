@@ -47,6 +47,9 @@ def test_knn_accuracy_on_separable_clusters():
     (xtr, ytr), (xte, yte) = draw(200), draw(100)
     assert knn_accuracy(xtr, ytr, xte, yte) > 0.95
     assert knn_accuracy(xtr, ytr[torch.randperm(200, generator=g)], xte, yte) < 0.5  # shuffled labels: ~chance
+    # the chunking of the test rows (automatic: bounded similarity block) does not change a prediction
+    auto = knn_classify(xtr, ytr, xte)
+    assert all(torch.equal(auto, knn_classify(xtr, ytr, xte, chunk=c)) for c in (1, 7, 100))
 
 
 @pytest.fixture(scope="module")
