@@ -212,6 +212,8 @@ def add_eval_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="decoding processes for feature extraction (default 0: "
                    "in this process, right for the toy suite; ImageNet wants about one per core)")
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder call during extraction")
+    p.add_argument("--model", default=None, help="ViT preset of bare .safetensors sources that fastenc did not export "
+                   "(timm checkpoints, e.g. vit_base_patch16_224; a classifier head is dropped)")
 
 
 def _cuda() -> bool:
@@ -231,7 +233,7 @@ def run_eval_suite(args: argparse.Namespace) -> int:
     try:
         results = run_suite(args.runs, resolve_suite(args.suite), args.out, cache_dir=args.cache_dir,
                             device=args.device, command=getattr(args, "command", None), num_workers=args.workers,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, model=args.model)
     except EvalDataError as e:
         print(f"fastenc eval: {e}", file=sys.stderr)
         return 2

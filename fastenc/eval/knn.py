@@ -95,7 +95,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, **kw) -> fl
 
 
 def load_exported_encoder(path: str, model: str | None = None):
-    """A ViT from export/encoder.safetensors (or a run dir holding export/), built from the export's metadata."""
+    """A ViT from export/encoder.safetensors (or a run dir holding export/), built from the export's metadata, or
+    from any timm-format ViT safetensors with `model` naming its preset (a classifier's `head.*` is dropped)."""
     import os
 
     import yaml
@@ -113,7 +114,8 @@ def load_exported_encoder(path: str, model: str | None = None):
     kwargs = {}
     if model is None:
         if "model" not in meta:
-            raise ValueError(f"{path} has no 'model' metadata: pass --model")
+            raise ValueError(f"{path} has no 'model' metadata (it was not exported by fastenc): pass --model with its "
+                             "ViT preset, e.g. --model vit_base_patch16_224 (`fastenc models` lists them)")
         model = meta["model"]
         if "fastenc_config" in meta:
             mcfg = yaml.safe_load(meta["fastenc_config"]).get("model", {})
@@ -122,7 +124,10 @@ def load_exported_encoder(path: str, model: str | None = None):
                 kwargs["img_size"] = mcfg["img_size"]
             kwargs["global_pool"] = mcfg.get("global_pool", "token")
     encoder = create_vit(model, **kwargs)
-    encoder.load_state_dict(load_encoder_state(path), strict=True)
+    state = load_encoder_state(path)
+    if any(k.startswith("head.") for k in state) and not any(k.startswith("head.") for k in encoder.state_dict()):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a timm classifier: its trunk
+    encoder.load_state_dict(state, strict=True)
     return encoder.eval()
 
 

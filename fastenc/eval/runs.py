@@ -81,18 +81,22 @@ class EvalRun:
 INIT = "init:"
 
 
-def load_run(source: str, *, name: str | None = None) -> EvalRun:
+def load_run(source: str, *, name: str | None = None, model: str | None = None) -> EvalRun:
     """A run dir (config.yaml + export/) or an encoder .safetensors file, ready for evaluation (eval mode, CPU).
 
     "init:RUN_DIR" (or "init:RECIPE.yaml") is that run's initial weights, named "<run.name>@init": what every
     protocol gives before training, the baseline that says what training added (random ViT features already
-    carry color, for example)."""
+    carry color, for example). `model`: the ViT preset of a bare .safetensors file that fastenc did not export
+    (a timm checkpoint)."""
     from fastenc.eval.knn import load_exported_encoder
 
     if source.startswith(INIT):
         return _load_init(source, name)
     checkpoint = encoder_checkpoint(source)
-    encoder = load_exported_encoder(checkpoint)
+    try:
+        encoder = load_exported_encoder(checkpoint, None if os.path.isdir(source) else model)
+    except (ValueError, RuntimeError) as e:  # no preset to build, or weights that do not fit it
+        raise EvalDataError(f"{source}: {e}") from e
     if not os.path.isdir(source):
         return EvalRun(name or os.path.splitext(os.path.basename(source))[0], source, checkpoint, encoder)
     from fastenc.config import ConfigError

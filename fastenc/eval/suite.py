@@ -334,11 +334,12 @@ def _parse_source(source: str) -> tuple[str | None, str]:
 
 def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None,
               device: str = "cpu", command: str | None = None, num_workers: int = 0,
-              batch_size: int = 256) -> dict:
+              batch_size: int = 256, model: str | None = None) -> dict:
     """Evaluate every run of `sources` with every protocol of the suite; write results.json and report.md (with
     `command`, the code's git revision and the time, for whoever reads them later). Raises EvalDataError (after
     writing both) if a protocol failed. num_workers / batch_size: the feature extraction's data loader (decoding
-    processes; images per encoder call)."""
+    processes; images per encoder call). model: the ViT preset of bare .safetensors sources without fastenc's
+    metadata (timm checkpoints)."""
     from fastenc.eval.runs import load_run
 
     suite = load_suite(suite_path)
@@ -347,7 +348,7 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
     runs = []
     for source in sources:
         name, src = _parse_source(source)
-        runs.append(load_run(src, name=name).to(device))
+        runs.append(load_run(src, name=name, model=model).to(device))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise EvalDataError(f"two runs share a name ({names}): name them on the command line, NAME=RUN_DIR")

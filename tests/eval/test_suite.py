@@ -277,3 +277,27 @@ def test_launcher_form(runs, tiny_data, tmp_path):  # noqa: F811
     bad = subprocess.run([*cmd[:2], str(tmp_path / "nope"), *cmd[3:], str(tmp_path / "o2")], capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_a_timm_format_checkpoint_without_fastenc_metadata(tiny_data, tmp_path):  # noqa: F811
+    """A bare ViT .safetensors that fastenc did not export (no metadata; a timm classifier with its head) is
+    evaluated once --model names its preset; without it, the error says so."""
+    from safetensors.torch import save_file
+
+    from fastenc.models import create_vit
+
+    torch.manual_seed(0)
+    vit = create_vit("vit_test", num_classes=7)
+    path = tmp_path / "timm_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    suite = _suite(tmp_path, tiny_data, knn={"train": "train", "test": "val", "labels": ["color_id"]})
+    s = yaml.safe_load(open(suite))
+    s["protocols"] = {"knn": s["protocols"]["knn"]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(s))
+    with pytest.raises(EvalDataError, match="no 'model' metadata.*--model"):
+        run_suite([str(path)], suite, str(tmp_path / "o"))
+    out = tmp_path / "o2"
+    assert main(["eval", f"timm={path}", "--model", "vit_test", "--suite", suite, "--out", str(out)]) == 0
+    assert 0 <= json.loads((out / "results.json").read_text())["protocols"]["knn"]["results"]["timm"]["color_id"] <= 1
+    with pytest.raises(EvalDataError, match="size mismatch|Missing key|Unexpected key"):
+        run_suite([str(path)], suite, str(tmp_path / "o3"), model="vit_cpu_patch8_64")
