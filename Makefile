@@ -7,7 +7,7 @@ PYTEST  := $(VPY) -m pytest
 STAMP   := $(VENV)/.fastenc-installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo test test-slow test-all bench study-cpu clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,14 @@ test-all: setup
 
 bench: setup
 	$(VPY) benchmarks/bench_train_step.py --config configs/cpu/clip_tiny.yaml
+
+# The CPU study and its evaluation report (benchmarks/results/eval_synth): about an hour on 2 cores. Rerunning it
+# skips the runs already trained (and resumes interrupted ones); the eval reads cached features.
+study-cpu: setup
+	test -f data/synth_eval/manifest.json || $(VENV)/bin/fastenc data synth --out data/synth_eval --num-samples 6000 --seed 1
+	$(VENV)/bin/fastenc study run configs/cpu/study.yaml
+	$(VENV)/bin/fastenc eval runs/clip_tiny runs/siglip_tiny runs/dino_tiny init:runs/clip_tiny --suite eval_synth \
+	    --out eval/synth --cache-dir eval/feature_cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info
