@@ -5,8 +5,9 @@ A suite (configs/cpu/eval_synth.yaml, configs/paper/eval_imagenet.yaml) names it
     name: synth
     features: {layer: -1, pool: cls}               # what "the encoder's features" are (fastenc.eval.features)
     datasets:
-      train: {shards: data/synth_cpu/shard-{00000..00015}.tar, labels: [category_id, color_id], captions: true}
-      val:   {folder: data/imagenet/val, classes_file: data/imagenet/classes.txt}
+      train: {shards: data/synth_eval/shard-{00000..00003}.tar, labels: [category_id, color_id], captions: true}
+      val:   {shards: data/synth_eval/shard-{00004..00005}.tar, labels: [category_id, color_id], captions: true}
+      inet:  {folder: data/imagenet/val, classes_file: data/imagenet/classnames.txt}   # its label: "label"
     protocols:
       knn:          {train: train, test: val, labels: [category_id, color_id], k: 20, temperature: 0.07}
       linear_probe: {train: train, test: val, labels: [category_id], epochs: 50, warmup_epochs: 10, ...}
@@ -27,7 +28,7 @@ naming it. Dataset paths are checked before any feature is extracted.
 Features are extracted as `features:` says, unnormalized unless it sets normalize: true: the linear probe
 standardizes them with train statistics (the paper's protocol), k-NN and pairs compare cosines (normalizing
 themselves). Outputs: DIR/results.json (every number; NaN written as null), DIR/report.md (tables + figures),
-DIR/*.png. Paths inside the suite are relative to the directory `fastenc eval` runs from (like the recipes' data
+DIR/*.png, DIR/<pairs protocol>/. Paths inside the suite are relative to the directory `fastenc eval` runs from (like the recipes' data
 paths).
 """
 
