@@ -28,8 +28,8 @@ naming it. Dataset paths are checked before any feature is extracted.
 Features are extracted as `features:` says, unnormalized unless it sets normalize: true: the linear probe
 standardizes them with train statistics (the paper's protocol), k-NN and pairs compare cosines (normalizing
 themselves). Outputs: DIR/results.json (every number; NaN written as null), DIR/report.md (tables + figures),
-DIR/*.png, DIR/<pairs protocol>/. Paths inside the suite are relative to the directory `fastenc eval` runs from (like the recipes' data
-paths).
+DIR/*.png, DIR/<pairs protocol>/. Paths inside the suite are relative to the directory `fastenc eval` runs from
+(like the recipes' data paths).
 """
 
 from __future__ import annotations
