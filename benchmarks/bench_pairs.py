@@ -68,18 +68,6 @@ def parse_args(argv=None):
     return args
 
 
-def rss_mb() -> float:
-    """Resident size now, MiB (VmRSS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def make_features(n: int, dim: int, labels, clusters: int, noise: float, plain: bool, g):
     """[n, dim] float32 unit vectors: i.i.d. (plain) or a random unit centre per label plus noise of norm ~noise,
     built in row blocks so no float64 or second full-size copy is ever resident."""
@@ -122,7 +110,7 @@ def main(argv=None) -> int:
     analyze_pairs(fa[:500], fb[:500], attributes={k: v[:500] for k, v in attrs.items()}, num_pairs=5000,
                   mode="sample", chunk_bytes=chunk_bytes, thresholds=args.thresholds)
     gc.collect()
-    base_mb = rss_mb()
+    base_mb = harness.rss_mb()
     harness.reset_peak_rss()
     with harness.CpuMonitor() as mon:
         res = analyze_pairs(fa, fb, names=("a", "b"), attributes=attrs, num_pairs=args.pairs, mode="sample",

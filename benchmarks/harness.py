@@ -276,18 +276,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark in MiB (VmHWM; NaN where /proc is missing).
-
-    Not getrusage's ru_maxrss: that survives execve, so a subprocess spawned by a big parent reports the parent's."""
+def _proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status ("VmHWM", "VmRSS") in MiB; NaN where /proc is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark in MiB (VmHWM; NaN where /proc is missing).
+
+    Not getrusage's ru_maxrss: that survives execve, so a subprocess spawned by a big parent reports the parent's."""
+    return _proc_status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process's resident size now in MiB (VmRSS; NaN where /proc is missing)."""
+    return _proc_status_mb("VmRSS")
 
 
 # ----------------------------------------------------------------------------------------------------------------

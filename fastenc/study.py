@@ -184,8 +184,10 @@ def check_controlled(configs: list[Config], labels: list[str]) -> list[str]:
 
 
 def _run_dir(cfg: Config) -> str:
-    """Where a study run lives: output_dir/name (the trainer's run dir when it is not taken)."""
-    return os.path.join(cfg.run.output_dir, cfg.run.name)
+    """Where a study run lives: the trainer's run dir for it (output_dir/name)."""
+    from fastenc.engine.trainer import cfg_run_dir
+
+    return cfg_run_dir(cfg)
 
 
 def run_state(cfg: Config) -> tuple[str, str]:

@@ -268,7 +268,7 @@ def _collate_shards(items):
 # extraction
 
 
-def _file_identity(path: str) -> list:
+def file_identity(path: str) -> list:
     """[absolute path, size, mtime in ns] of a file or folder: whole-second mtimes miss a rewrite within a second."""
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
@@ -278,9 +278,9 @@ def _data_identity(dataset: DatasetSpec) -> list:
     """The state of the dataset on disk, for the cache key (what it covers: the module docstring's "Cache:")."""
     if dataset.shards:
         # Remote shards (URLs, pipe:) cannot be stat'ed: their name is all there is to key on.
-        return [_file_identity(p) if os.path.exists(p) else p for p in _shard_paths(dataset)]
+        return [file_identity(p) if os.path.exists(p) else p for p in _shard_paths(dataset)]
     root = dataset.folder
-    identity = [_file_identity(root)] + [_file_identity(os.path.join(root, d)) for d in _class_folders(root)]
+    identity = [file_identity(root)] + [file_identity(os.path.join(root, d)) for d in _class_folders(root)]
     if dataset.classes_file:
         identity.append(hashlib.sha256(_read_classes_file(dataset.classes_file)).hexdigest())
     return identity
@@ -290,7 +290,7 @@ def cache_key(checkpoint: str, dataset: DatasetSpec, spec: FeatureSpec, image_si
               extra_key: str | None = None) -> str:
     """Hash of what the features depend on: the checkpoint file, the dataset's settings and data on disk, the
     feature spec, the image size and the caller's extra_key."""
-    blob = json.dumps([_file_identity(checkpoint), dataset.describe(), _data_identity(dataset), asdict(spec),
+    blob = json.dumps([file_identity(checkpoint), dataset.describe(), _data_identity(dataset), asdict(spec),
                        image_size, extra_key], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

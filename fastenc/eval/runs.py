@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastenc.eval.features import EvalDataError, encoder_checkpoint
+from fastenc.eval.features import EvalDataError, encoder_checkpoint, file_identity
 
 
 @dataclass
@@ -39,10 +39,7 @@ class EvalRun:
 
     def objective_identity(self) -> str | None:
         """Path, size and mtime (ns) of objective_file, or None."""
-        if not self.objective_file:
-            return None
-        st = os.stat(self.objective_file)
-        return f"{os.path.abspath(self.objective_file)}:{st.st_size}:{st.st_mtime_ns}"
+        return ":".join(map(str, file_identity(self.objective_file))) if self.objective_file else None
 
     @property
     def has_text(self) -> bool:
