@@ -35,16 +35,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import harness  # noqa: E402
+from fastenc.utils.optional import cuda_available  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Meter:
@@ -61,7 +54,7 @@ class Meter:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated() / 2**20
         else:
-            self.base = _rss_mb()
+            self.base = harness.rss_mb()
             harness.reset_peak_rss()
 
     def peak(self) -> float:
@@ -183,7 +176,7 @@ def common_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--impls", default="", help="comma-separated implementations (default: all that run here)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=harness.usable_cores())
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -195,15 +188,6 @@ def common_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--one-process", action="store_true",
                    help="measure every case in one subprocess (fast smoke runs; CPU memory numbers are then not "
                         "comparable across cases)")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def sweep(script: str, bench: str, args, impls: list[str], sizes: list[dict], size_key: str,

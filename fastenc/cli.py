@@ -202,27 +202,20 @@ def run_data_index(args: argparse.Namespace) -> int:
 
 
 def add_eval_suite_args(p: argparse.ArgumentParser) -> None:
+    from fastenc.utils.optional import cuda_available
+
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs (or encoder .safetensors files) to evaluate")
     p.add_argument("--suite", required=True,
                    help="suite YAML, or a name under configs/cpu or configs/paper (eval_synth, eval_imagenet)")
     p.add_argument("--out", required=True, help="output dir: report.md, results.json, PNGs")
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the encoders run (default: cuda "
-                   "when available, else cpu)")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu",
+                   help="where the encoders run (default: cuda when available, else cpu)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes for feature extraction (default 0: "
                    "in this process, right for the toy suite; ImageNet wants about one per core)")
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder call during extraction")
     p.add_argument("--model", default=None, help="ViT preset of bare .safetensors sources that fastenc did not export "
                    "(timm checkpoints, e.g. vit_base_patch16_224; a classifier head is dropped)")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def run_eval_suite(args: argparse.Namespace) -> int:

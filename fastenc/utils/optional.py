@@ -58,3 +58,12 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, stacklevel=3)
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a GPU (the default of every --device flag); False without torch."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
