@@ -1,9 +1,36 @@
-"""AdamW parameter groups: no weight decay on biases, norms (all 1-D params), embeddings and logit scale/bias."""
+"""AdamW parameter groups: no weight decay on biases, norms (all 1-D params), embeddings and logit scale/bias.
+
+The groups are laid out so that every parameter stays 16-byte aligned once DeepSpeed flattens them. ZeRO-1/2 and
+the bf16 optimizer concatenate each parameter group into one flat buffer and turn the module's parameters into
+views of it, in group order. A parameter whose size is not a multiple of ALIGN_ELEMS (a 1-element logit scale)
+shifts every parameter after it off the 16-byte boundary, and cuBLAS then leaves its Hopper GEMMs for a generic
+kernel on every biased Linear (measured on an H200: 959 us instead of 208 us per addmm, the whole step 2.3x slower).
+So each group holds its aligned parameters first and at most one ragged parameter, last; every further ragged
+parameter gets a group of its own with the same hyperparameters. The flat buffers start aligned (allocations are).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+ALIGN_BYTES = 16
+ALIGN_ELEMS = 8
+"""Parameters whose numel is a multiple of this keep the next one 16-byte aligned at 2-byte (bf16/fp16) and
+4-byte (fp32) element sizes alike."""
+
+
+def aligned_groups(group: dict) -> list[dict]:
+    """Split one parameter group so that, flattened in order, every parameter starts 16-byte aligned: the aligned
+    parameters plus one ragged one (last), then one group per remaining ragged parameter (named name.ragged<i>)."""
+    params = list(group["params"])
+    aligned = [p for p in params if p.numel() % ALIGN_ELEMS == 0]
+    ragged = [p for p in params if p.numel() % ALIGN_ELEMS != 0]
+    hyper = {k: v for k, v in group.items() if k != "params"}
+    groups = [{**hyper, "params": aligned + ragged[:1]}] if aligned or ragged else []
+    for i, p in enumerate(ragged[1:], start=1):
+        groups.append({**hyper, "params": [p], "name": f"{hyper.get('name', 'group')}.ragged{i}"})
+    return groups
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay_names: set[str] = frozenset()) -> list[dict]:
@@ -15,10 +42,30 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay_names: set[str
             no_decay.append(p)
         else:
             decay.append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+    return [g for group in groups for g in aligned_groups(group)]
+
+
+def order_parameters_for_alignment(module: nn.Module) -> None:
+    """Within every submodule, register the parameters whose numel is a multiple of ALIGN_ELEMS first.
+
+    ZeRO-3 gathers one module's own parameters into one buffer in registration order while it runs; with the
+    ragged ones last, all the others start aligned. (Two ragged parameters of one module, such as SigLIP's one-element
+    logit scale and bias, cannot both be: scalars, which never reach a GEMM.)"""
+    for sub in module.modules():
+        params = sub._parameters
+        if any(p is not None and p.numel() % ALIGN_ELEMS for p in params.values()):
+            order = sorted(params, key=lambda n: params[n] is not None and params[n].numel() % ALIGN_ELEMS != 0)
+            sub._parameters = type(params)((n, params[n]) for n in order)
+
+
+def misaligned_parameters(module: nn.Module) -> list[tuple[str, int]]:
+    """(name, data_ptr % ALIGN_BYTES) of every parameter holding data that does not start on a 16-byte boundary."""
+    return [(n, p.data_ptr() % ALIGN_BYTES) for n, p in module.named_parameters()
+            if p.numel() and p.data_ptr() % ALIGN_BYTES]
 
 
 def build_optimizer(module: nn.Module, optim_cfg, no_decay_names: set[str]) -> torch.optim.Optimizer:

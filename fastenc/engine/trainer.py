@@ -25,10 +25,10 @@ from fastenc.engine.checkpoint import (
     load_data_state,
     save_checkpoint,
 )
+from fastenc.engine.deepspeed_config import build_engine
 from fastenc.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from fastenc.engine.logging import MetricsLogger
-from fastenc.engine.optim import build_optimizer, clip_grad_per_param_
-from fastenc.engine.schedules import PrecomputedLR, warmup_cosine
+from fastenc.engine.optim import clip_grad_per_param_
 
 log = logging.getLogger("fastenc")
 
@@ -105,8 +105,6 @@ def _to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> d
 def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = None, max_steps: int | None = None,
           export: bool = True, plot: bool = True) -> TrainResult:
     """Train `cfg` to cfg.schedule.steps (or stop after `max_steps` more steps, for tests and benchmarks)."""
-    import deepspeed
-
     from fastenc.data.stream import build_train_stream
     from fastenc.objectives import build_objective
 
@@ -131,15 +129,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
 
         compile_blocks(objective)
     micro, accum = batch_layout(cfg, dist.world_size)
-    optimizer = build_optimizer(objective, cfg.optim, objective.no_weight_decay())
-    lr_table = warmup_cosine(cfg.optim.lr, cfg.schedule.steps, cfg.schedule.warmup_steps,
-                             final=cfg.optim.lr * cfg.schedule.min_lr_ratio)
-    scheduler = PrecomputedLR(optimizer, lr_table)
-    from fastenc.engine.deepspeed_config import build_ds_config
-
-    ds_config = build_ds_config(cfg, micro, accum, dist.world_size)
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
+    engine, scheduler = build_engine(cfg, objective, dist.world_size)
     module = engine.module
     float_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 

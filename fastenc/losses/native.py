@@ -236,6 +236,10 @@ def dino_loss_native(student_output, teacher_output, center, student_temp, teach
     of teacher_output over its rows (what dino_center_update all-reduces), from the same pass over the teacher."""
     _require("dino_loss(impl='native')")
     check_dino_inputs(student_output, teacher_output, center, num_global_crops)
+    if student_output.dtype != teacher_output.dtype:
+        # A bf16 student beside the fp32 teacher (DINO under engine.precision=bf16): the kernel computes in fp32
+        # either way, and autograd casts the student's gradient back to bf16.
+        student_output, teacher_output = student_output.float(), teacher_output.float()
     _check_features("dino_loss(impl='native')", student_output=student_output, teacher_output=teacher_output)
     if center.device.type != "cpu":
         raise ValueError(f"dino_loss(impl='native'): runs on CPU tensors, center is on {center.device}")

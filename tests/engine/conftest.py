@@ -77,18 +77,22 @@ def tiny_overrides(tiny_data, tmp_path, *extra):
                    f"run.output_dir={tmp_path}", *extra]
 
 
-def _train_child(recipe, overrides, kwargs, out):
+def _isolated_child(fn, args, kwargs, out):
     try:
-        from fastenc.config import load_config
-        from fastenc.engine.trainer import train
-
-        res = train(load_config(os.path.join(ROOT, recipe), overrides), **kwargs)
+        result = fn(*args, **kwargs)
         with open(out, "wb") as f:
-            pickle.dump(res, f)
+            pickle.dump(result, f)
     except BaseException:  # noqa: BLE001 - reported by the parent
         with open(out + ".err", "w") as f:
             f.write(traceback.format_exc())
         raise
+
+
+def _train(recipe, overrides, **kwargs):
+    from fastenc.config import load_config
+    from fastenc.engine.trainer import train
+
+    return train(load_config(os.path.join(ROOT, recipe), overrides), **kwargs)
 
 
 _CTX = None
@@ -104,18 +108,24 @@ def _context():
     return _CTX
 
 
-def train_isolated(recipe, overrides, timeout=600, **kwargs):
-    """Run fastenc's trainer in a child process: the process group, DeepSpeed's global state and the env vars a
-    world-of-one run sets stay out of the pytest process (other tests fork gloo ranks of their own)."""
+def run_isolated(fn, *args, timeout=600, **kwargs):
+    """fn(*args, **kwargs) in a child process, its (picklable) result returned: the process group, DeepSpeed's
+    global state and the env vars a world-of-one run sets stay out of the pytest process (other tests fork gloo
+    ranks of their own). fn must be importable by name (a module-level function)."""
     out = tempfile.mktemp(suffix=".pkl")
-    proc = _context().Process(target=_train_child, args=(recipe, list(overrides), kwargs, out))
+    proc = _context().Process(target=_isolated_child, args=(fn, args, kwargs, out))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
         proc.kill()
-        raise AssertionError(f"training did not finish within {timeout} s")
+        raise AssertionError(f"{fn.__name__} did not finish within {timeout} s")
     if os.path.exists(out + ".err"):
-        raise AssertionError("training failed in the child process:\n" + open(out + ".err").read())
-    assert proc.exitcode == 0, f"training child exited with {proc.exitcode}"
+        raise AssertionError(f"{fn.__name__} failed in the child process:\n" + open(out + ".err").read())
+    assert proc.exitcode == 0, f"{fn.__name__} child exited with {proc.exitcode}"
     with open(out, "rb") as f:
         return pickle.load(f)
+
+
+def train_isolated(recipe, overrides, timeout=600, **kwargs):
+    """Run fastenc's trainer in a child process (see run_isolated); returns its TrainResult."""
+    return run_isolated(_train, recipe, list(overrides), timeout=timeout, **kwargs)

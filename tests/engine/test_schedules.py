@@ -37,6 +37,22 @@ def test_no_decay_groups():
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     m.register_parameter("emb", torch.nn.Parameter(torch.zeros(5, 4)))
     groups = param_groups(m, 0.1, {"emb"})
-    decay = {id(p) for p in groups[0]["params"]}
+    decay = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     assert decay == {id(m[0].weight)}
-    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 4
+    assert no_decay == {id(m[0].bias), id(m[1].weight), id(m[1].bias), id(m.emb)}
+
+
+def test_groups_keep_every_flattened_parameter_aligned():
+    """DeepSpeed flattens each group in order: every parameter's offset is then a multiple of ALIGN_ELEMS."""
+    from fastenc.engine.optim import ALIGN_ELEMS
+
+    sizes = [1, 768, 3, 2304, 5, 768 * 768, 7, 16]
+    m = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(n)) for n in sizes])
+    groups = param_groups(m, 0.1)
+    assert sorted(p.numel() for g in groups for p in g["params"]) == sorted(sizes)
+    for g in groups:
+        offsets = [sum(p.numel() for p in g["params"][:i]) for i in range(len(g["params"]))]
+        assert all(o % ALIGN_ELEMS == 0 for o in offsets), (g["name"], offsets)
+        assert g["weight_decay"] == 0.0  # 1-D: no decay, in every split group
+    assert len(groups) == 4  # the aligned ones + one ragged, then one group per further ragged parameter
