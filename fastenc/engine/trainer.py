@@ -103,8 +103,11 @@ def _to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> d
 
 
 def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = None, max_steps: int | None = None,
-          export: bool = True, plot: bool = True) -> TrainResult:
-    """Train `cfg` to cfg.schedule.steps (or stop after `max_steps` more steps, for tests and benchmarks)."""
+          export: bool = True, plot: bool = True, final_checkpoint: bool = True) -> TrainResult:
+    """Train `cfg` to cfg.schedule.steps (or stop after `max_steps` more steps, for tests and benchmarks).
+
+    export / plot / final_checkpoint=False skip the encoder export, the loss plot and the checkpoint at the last
+    step (benchmarks; engine.checkpoint_every still applies)."""
     from fastenc.data.stream import build_train_stream
     from fastenc.objectives import build_objective
 
@@ -224,6 +227,8 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
                 num_skipped=skipped_total,
                 num_excluded=stream.num_excluded,
             )
+            if dist.device.type == "cuda":  # a host-side counter: no sync
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
@@ -231,7 +236,8 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
             logger.log(done, row)
             acc, t_fwd, t_bwd, t_step, t_data = {}, 0.0, 0.0, 0.0, 0.0
             interval_start, interval_steps = time.perf_counter(), 0
-        if (cfg.engine.checkpoint_every and done % cfg.engine.checkpoint_every == 0) or done == end_step:
+        if (cfg.engine.checkpoint_every and done % cfg.engine.checkpoint_every == 0) or (
+                done == end_step and final_checkpoint):
             save_checkpoint(engine, ckpt_dir, done,
                             {"step": done, "samples_seen": samples_seen, "num_skipped": skipped_total,
                              "config_hash": config_hash(cfg)},
