@@ -69,10 +69,12 @@ def misaligned_parameters(module: nn.Module) -> list[tuple[str, int]]:
 
 
 def build_optimizer(module: nn.Module, optim_cfg, no_decay_names: set[str]) -> torch.optim.Optimizer:
-    """torch AdamW (fused on CUDA): DeepSpeed wraps it, so no DeepSpeed op has to be JIT-built on CPU."""
+    """torch AdamW, fused: DeepSpeed wraps it, so no DeepSpeed op has to be JIT-built on CPU.
+
+    Fused on CPU and CUDA alike: one kernel over all parameters (5x faster than the default on a CPU), and its step
+    counter lives on the parameters' device, where the default's CPU counter is read with .item() every step."""
     groups = param_groups(module, optim_cfg.weight_decay, no_decay_names)
-    fused = torch.cuda.is_available()
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=True)
 
 
 @torch.no_grad()
