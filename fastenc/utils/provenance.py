@@ -13,7 +13,11 @@ def git_revision(repo: str = REPO_ROOT, ignore: tuple[str, ...] = ("benchmarks/r
     included); "unknown" outside a git checkout (an installed package).
 
     `--no-optional-locks` keeps `git status` from refreshing the index: this function never writes to .git.
+    FASTENC_GIT_REV, when set, is returned as is: for a copy of the tree whose .git is not the one it came from
+    (the GPU machine gets the working tree of a checkout, with a stale .git).
     """
+    if os.environ.get("FASTENC_GIT_REV"):
+        return os.environ["FASTENC_GIT_REV"]
     try:
         rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=True, timeout=30).stdout.strip()

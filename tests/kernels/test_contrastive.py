@@ -10,6 +10,14 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (it ships w
 
 from fastenc.kernels import contrastive as kernel_module  # noqa: E402
 from fastenc.kernels.contrastive import clip_rows_ref, clip_rows_triton  # noqa: E402
+from tests.kernels.tolerances import (  # noqa: E402
+    assert_fp32_kernel,
+    assert_fp32_matches_oracle,
+    float64_oracle,
+    fp32_bound,
+    similarity_logit_range,
+    value_and_grads_keep_dtype,
+)
 from tests.losses.helpers import BF16_U, rel_err, value_and_grads  # noqa: E402
 
 SHARED_NAMES = ("loss", "d_img", "d_txt", "d_logit_scale")
@@ -31,11 +39,45 @@ def _rows(fn, offset, **kw):
     return lambda i, x, iN, xN, t: fn(i, x, iN, xN, t, offset, **kw)
 
 
-# fp32: the kernel computes the same terms in another order (tiles, D slices, online LSE, per-block partial sums);
-# measured errors are <= ~2e-7 relative at t = 14.3 and <= ~1.5e-6 at t = 100 (logits up to 100 carry ulp(100) =
-# 7.6e-6 into the softmax when a tile is recomputed in the other orientation). rtol 1e-5 / atol 1e-6 keeps an
-# order of magnitude for other BLAS / GPU exp approximations while still catching any wrong term (>= 1e-3).
-FP32 = dict(rtol=1e-5, atol=1e-6)
+def _clip_terms(img, txt, img_N, txt_N, t, offset, shared=False):
+    """float64 magnitudes T (tests/kernels/tolerances.py) of the terms entering each output, in value_and_grads'
+    order: shared (rows and columns the same objects) (loss, d_img, d_txt, d_t), else (loss, d_img_rows,
+    d_txt_rows, d_img_cols, d_txt_cols, d_t).
+
+    Per direction (rows a against columns b, z = t a_i . b_j, w = 1 / (2B)): dL/dz_ij = w (P_ij - [j = offset + i]),
+    whose terms weigh A_ij = w (P_ij + [j = offset + i]) (the shared tile adds both directions' A, its column
+    softmax included, in one tile); d a_i = t sum_j dL/dz_ij b_j has terms t A |b|, d b_j likewise t A^T |a|,
+    dt = sum dL/dz * (a . b) has A |a . b|. The value sums w (lse_i - z_i,pos) per row: T = w (|lse| + |z_pos| + 2),
+    the 2 being the gradient mass sum_j |dL/dz_ij| / w that carries each logit's rounding into it."""
+    img, txt, img_N, txt_N, t = (x.detach().double() for x in (img, txt, img_N, txt_N, t))
+    B, N = img.shape[0], img_N.shape[0]
+    w = 1.0 / (2 * B)
+    pos = torch.zeros(B, N, dtype=torch.float64, device=img.device)
+    pos[torch.arange(B), torch.arange(offset, offset + B)] = 1.0
+    s_i, s_t = img @ txt_N.T, txt @ img_N.T  # image rows against text columns, text rows against image columns
+    loss, grads = 0.0, []
+    for s in (s_i, s_t):
+        z = t * s
+        a = w * (z.softmax(1) + pos)
+        loss = loss + w * (z.logsumexp(1).abs() + (z * pos).sum(1).abs() + 2).sum()
+        grads.append((a, s))
+    (a_i, s_i), (a_t, s_t) = grads
+    d_img_rows, d_txt_cols = t * a_i @ txt_N.abs(), t * a_i.T @ img.abs()
+    d_txt_rows, d_img_cols = t * a_t @ img_N.abs(), t * a_t.T @ txt.abs()
+    d_t = (a_i * s_i.abs()).sum() + (a_t * s_t.abs()).sum()
+    if shared:
+        return [loss, d_img_rows + d_img_cols, d_txt_rows + d_txt_cols, d_t]
+    return [loss, d_img_rows, d_txt_rows, d_img_cols, d_txt_cols, d_t]
+
+
+def _check_shared_fp32(img, txt, t, **kw):
+    """fp32 shared-tile kernel vs clip_rows_ref in float64, bounds derived from fp32 rounding (tests/kernels/
+    tolerances.py); plain fp32 clip_rows_ref is the baseline. The kernel reorders the same terms (tiles, D slices,
+    online LSE, partial sums) and, compiled, uses fast exp / log and fused multiply-adds."""
+    assert_fp32_matches_oracle(SHARED_NAMES, _shared(clip_rows_triton, **kw), _shared(clip_rows_ref), (img, txt, t),
+                               _clip_terms(img, txt, img, txt, t, 0, shared=True),
+                               similarity_logit_range(t, img, txt))
+
 
 # (B, D, block_m, block_n, block_d, deterministic): B = 1, primes (13, 37: partial row / column tiles), D not a power
 # of two (20, 40; with block_d 16 the feature loop takes 2 or 3 slices), several tile shapes, both backward modes.
@@ -53,22 +95,36 @@ SHARED_CASES = [
 def test_shared_tile_fp32_equals_reference(B, D, bm, bn, bd, deterministic, device):
     img, txt = _features((B, B), D, device)
     t = torch.tensor(14.3, device=device)
-    want = value_and_grads(_shared(clip_rows_ref), img, txt, t)
-    got = value_and_grads(_shared(clip_rows_triton, block_m=bm, block_n=bn, block_d=bd,
-                                  deterministic=deterministic), img, txt, t)
-    for name, g, w in zip(SHARED_NAMES, got, want):
-        torch.testing.assert_close(g, w, **FP32, msg=lambda m: f"{name}: {m}")
+    _check_shared_fp32(img, txt, t, block_m=bm, block_n=bn, block_d=bd, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_shared_tile_fp32_at_the_clamped_scale(deterministic, device):
     img, txt = _features((13, 13), 20, device)
-    t = torch.tensor(100.0, device=device)  # open_clip's clamp: the sharpest softmax
-    want = value_and_grads(_shared(clip_rows_ref), img, txt, t)
-    got = value_and_grads(_shared(clip_rows_triton, block_m=16, block_n=16, block_d=16,
-                                  deterministic=deterministic), img, txt, t)
-    for name, g, w in zip(SHARED_NAMES, got, want):
-        torch.testing.assert_close(g, w, **FP32, msg=lambda m: f"{name}: {m}")
+    t = torch.tensor(100.0, device=device)  # open_clip's clamp: the sharpest softmax, Z = 100
+    _check_shared_fp32(img, txt, t, block_m=16, block_n=16, block_d=16, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_single_pair_loss_and_gradients_are_zero(deterministic, device):
+    """B = 1: one logit per softmax, so each probability is exactly 1, both CE terms are 0 and every gradient is 0
+    (dL/dz = w (1 + 1 - 2)). The references return exactly 0, in float64 and in plain fp32 (a single logit's z - lse
+    is exactly 0); the kernel may be off by the rounding of the logit it recomputes (compiled, t * s - max can become
+    one fused multiply-add), within the derived bound C eps (1 + Z) T: for d_img, T = t w (1 + 1 + 2) |y| = 2 t |y|."""
+    img, txt = _features((1, 1), 5, device)
+    t = torch.tensor(14.3, device=device)
+    fn = _shared(clip_rows_triton, block_m=16, block_n=16, block_d=16, deterministic=deterministic)
+    got = value_and_grads_keep_dtype(fn, img, txt, t)
+    want = value_and_grads_keep_dtype(float64_oracle(_shared(clip_rows_ref)), img, txt, t)
+    plain = value_and_grads_keep_dtype(_shared(clip_rows_ref), img, txt, t)
+    terms = _clip_terms(img, txt, img, txt, t, 0, shared=True)
+    torch.testing.assert_close(terms[1], 2 * t.double() * txt.double().abs(), rtol=1e-12, atol=0)
+    Z = similarity_logit_range(t, img, txt)
+    for name, g, p, w, T in zip(SHARED_NAMES, got, plain, want, terms):
+        assert torch.count_nonzero(w) == 0 and torch.count_nonzero(p) == 0, f"{name}: {w} (float64), {p} (fp32)"
+        bound = fp32_bound(T, Z)
+        assert (g.double().abs() <= bound).all(), f"{name}: kernel {g} is not 0 within {bound}"
+        assert (bound < 1e-4 * T).all()  # tiny next to the terms: a 1e-3 error of any one of them fails
 
 
 # Distributed-style calls: B local rows against N columns (all ranks' features) with positives at offset + i.
@@ -87,11 +143,9 @@ ROWS_CASES = [
 def test_distributed_rows_fp32_equal_reference(B, N, offset, D, deterministic, device):
     feats = _features((B, B, N, N), D, device)
     t = torch.tensor(14.3, device=device)
-    want = value_and_grads(_rows(clip_rows_ref, offset), *feats, t)
-    got = value_and_grads(_rows(clip_rows_triton, offset, block_m=16, block_n=16, block_d=16,
-                                deterministic=deterministic), *feats, t)
-    for name, g, w in zip(ROWS_NAMES, got, want):
-        torch.testing.assert_close(g, w, **FP32, msg=lambda m: f"{name}: {m}")
+    fn = _rows(clip_rows_triton, offset, block_m=16, block_n=16, block_d=16, deterministic=deterministic)
+    assert_fp32_matches_oracle(ROWS_NAMES, fn, _rows(clip_rows_ref, offset), (*feats, t),
+                               _clip_terms(*feats, t, offset), similarity_logit_range(t, feats[0], feats[1]))
 
 
 def test_shared_tile_path_is_taken_only_for_the_same_objects(device, monkeypatch):
@@ -107,8 +161,10 @@ def test_shared_tile_path_is_taken_only_for_the_same_objects(device, monkeypatch
 
 def test_python_float_scale_and_frozen_scale(device):
     img, txt = _features((9, 9), 20, device)
-    torch.testing.assert_close(clip_rows_triton(img, txt, img, txt, 14.3, 0),
-                               clip_rows_ref(img, txt, img, txt, torch.tensor(14.3, device=device), 0), **FP32)
+    t = torch.tensor(14.3, device=device)
+    assert_fp32_kernel("loss", clip_rows_triton(img, txt, img, txt, 14.3, 0), clip_rows_ref(img, txt, img, txt, t, 0),
+                       float64_oracle(clip_rows_ref)(img, txt, img, txt, t, 0),
+                       _clip_terms(img, txt, img, txt, t, 0, shared=True)[0], similarity_logit_range(t, img, txt))
     frozen = torch.tensor(14.3, device=device)  # no requires_grad: nothing computed or returned for it
     img = img.clone().requires_grad_()
     clip_rows_triton(img, txt, img, txt, frozen, 0).backward()
@@ -122,9 +178,13 @@ def test_only_the_scale_requires_grad(device):
         cols = (img, txt) if shared else (img.clone(), txt.clone())
         t1 = torch.tensor(14.3, device=device, requires_grad=True)
         t2 = torch.tensor(14.3, device=device, requires_grad=True)
+        t64 = t1.detach().double().requires_grad_()  # the oracle's own leaf: its gradient stays float64
         clip_rows_ref(img, txt, *cols, t1, 0).backward()
         clip_rows_triton(img, txt, *cols, t2, 0).backward()
-        torch.testing.assert_close(t2.grad, t1.grad, **FP32)
+        float64_oracle(clip_rows_ref)(img, txt, *cols, t64, 0).backward()
+        assert img.grad is None and txt.grad is None
+        assert_fp32_kernel("d_logit_scale", t2.grad, t1.grad, t64.grad, _clip_terms(img, txt, *cols, t1, 0)[-1],
+                           similarity_logit_range(t1, img, txt))
 
 
 def test_column_slices_of_a_gathered_matrix(device):
@@ -135,9 +195,10 @@ def test_column_slices_of_a_gathered_matrix(device):
     fn = lambda i, x, b2, t: clip_rows_triton(i, x, b2[:, :D], b2[:, D:], t, offset, block_d=16)  # noqa: E731
     ref = lambda i, x, b2, t: clip_rows_ref(i, x, b2[:, :D], b2[:, D:], t, offset)  # noqa: E731
     t = torch.tensor(14.3, device=device)
-    for name, g, w in zip(("loss", "d_img", "d_txt", "d_both", "d_t"), value_and_grads(fn, img, txt, both, t),
-                          value_and_grads(ref, img, txt, both, t)):
-        torch.testing.assert_close(g, w, **FP32, msg=lambda m: f"{name}: {m}")
+    loss, d_img, d_txt, d_img_cols, d_txt_cols, d_t = _clip_terms(img, txt, both[:, :D], both[:, D:], t, offset)
+    assert_fp32_matches_oracle(("loss", "d_img", "d_txt", "d_both", "d_t"), fn, ref, (img, txt, both, t),
+                               (loss, d_img, d_txt, torch.cat([d_img_cols, d_txt_cols], dim=1), d_t),
+                               similarity_logit_range(t, img, both))
 
 
 # ----- bf16 -----
@@ -261,9 +322,8 @@ def test_bad_arguments_are_refused(device):
 
 # ----- GPU: the compiled kernels at a realistic shape -----
 
-# Norm-wise on GPU: sums over ~1000 columns and 512 features in another order, and tl.exp is ex2.approx (~2 ulp);
-# single gradient elements that cancel can differ more, a wrong term (>= 1e-3) cannot hide.
-GPU_FP32 = 1e-5
+# fp32 at scale: the same derived bounds (tests/kernels/tolerances.py), now with sums over ~1000 columns and 512
+# features in another order and the compiled fast exp / log.
 
 
 @pytest.mark.gpu
@@ -272,10 +332,7 @@ def test_gpu_fp32_and_bf16_at_scale(deterministic):
     B, D = 1000, 512  # not a multiple of the 64 tiles
     img, txt = _features((B, B), D, "cuda")
     t = torch.tensor(14.3, device="cuda")
-    want = value_and_grads(_shared(clip_rows_ref), img, txt, t)
-    got = value_and_grads(_shared(clip_rows_triton, deterministic=deterministic), img, txt, t)
-    for name, g, w in zip(SHARED_NAMES, got, want):
-        assert rel_err(g, w) < GPU_FP32, f"{name}: rel err {rel_err(g, w):.2e}"
+    _check_shared_fp32(img, txt, t, deterministic=deterministic)
     img16, txt16 = img.bfloat16(), txt.bfloat16()
     want = value_and_grads(_shared(clip_rows_ref), img16.float(), txt16.float(), t)
     plain = value_and_grads(_shared(_rows_plain_bf16), img16, txt16, t.bfloat16())
@@ -291,10 +348,9 @@ def test_gpu_distributed_rows_at_scale(deterministic):
     B, N, D = 333, 999, 256
     feats = _features((B, B, N, N), D, "cuda")
     t = torch.tensor(14.3, device="cuda")
-    want = value_and_grads(_rows(clip_rows_ref, 2 * B), *feats, t)
-    got = value_and_grads(_rows(clip_rows_triton, 2 * B, deterministic=deterministic), *feats, t)
-    for name, g, w in zip(ROWS_NAMES, got, want):
-        assert rel_err(g, w) < GPU_FP32, f"{name}: rel err {rel_err(g, w):.2e}"
+    assert_fp32_matches_oracle(ROWS_NAMES, _rows(clip_rows_triton, 2 * B, deterministic=deterministic),
+                               _rows(clip_rows_ref, 2 * B), (*feats, t), _clip_terms(*feats, t, 2 * B),
+                               similarity_logit_range(t, feats[0], feats[1]))
 
 
 @pytest.mark.gpu
@@ -316,10 +372,7 @@ def test_padded_tile_entries_stay_finite_when_every_logit_is_very_negative(deter
     img = F.normalize(u + 0.01 * torch.randn(B, D, generator=g), dim=1).to(device)
     txt = F.normalize(-u + 0.01 * torch.randn(B, D, generator=g), dim=1).to(device)
     t = torch.tensor(100.0, device=device)
-    want = value_and_grads(_shared(clip_rows_ref), img, txt, t)
-    got = value_and_grads(_shared(clip_rows_triton, block_m=16, block_n=16, block_d=16,
-                                  deterministic=deterministic), img, txt, t)
     # Ill-conditioned on purpose: all logits lie within ~2 of -100, so each gradient is a difference of nearly equal
-    # terms and fp32 implementations differ by ~3e-5 relative (measured); a NaN or a wrong term fails by far.
-    for name, gv, w in zip(SHARED_NAMES, got, want):
-        torch.testing.assert_close(gv, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # terms (~3e-5 relative between fp32 implementations): the derived bound scales with Z = 100 and with T, the
+    # terms' magnitudes, not with the small result. A NaN or a wrong term fails by far.
+    _check_shared_fp32(img, txt, t, block_m=16, block_n=16, block_d=16, deterministic=deterministic)
