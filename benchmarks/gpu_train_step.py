@@ -290,7 +290,7 @@ def row_of(case: dict, out: dict, a, wall_s: float) -> dict:
 
 def add_ratio(row: dict, rows: list[dict]) -> None:
     """row's samples/s over the plain loop of the same objective (the plain cases run first)."""
-    plain = [r for r in rows if r["case"] == f"plain-{row['objective']}" and r.get("status") == "ok"]
+    plain = [r for r in [*rows, row] if r["case"] == f"plain-{row['objective']}" and r.get("status") == "ok"]
     if row.get("status") == "ok" and plain:
         row["vs_plain"] = row["samples_per_s"] / plain[-1]["samples_per_s"]
 
