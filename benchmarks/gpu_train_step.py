@@ -67,7 +67,8 @@ def parse_case(name: str) -> dict:
 
 def recipe(objective: str, tiny: bool) -> str:
     root = os.path.dirname(HERE)
-    return os.path.join(root, "configs", "cpu" if tiny else "paper", f"{objective}_{'tiny' if tiny else 'vit_b16'}.yaml")
+    name = f"{objective}_{'tiny' if tiny else 'vit_b16'}.yaml"
+    return os.path.join(root, "configs", "cpu" if tiny else "paper", name)
 
 
 def data_overrides(objective: str, a) -> list[str]:
@@ -161,7 +162,8 @@ def run_plain(case: dict, a) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sec = time_steps(step, a.warmup, a.iters, cuda)
-    return {"step_time": sec, "batch": cfg.data.batch_size, "flops_per_sample": flops_per_sample(cfg, cfg.data.batch_size),
+    return {"step_time": sec, "batch": cfg.data.batch_size,
+            "flops_per_sample": flops_per_sample(cfg, cfg.data.batch_size),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "note": f"{'compiled blocks, ' if case['compile'] else ''}autocast bf16, fused AdamW" if cuda else "fp32"}
 
@@ -210,7 +212,8 @@ def run_open_clip(case: dict, a) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sec = time_steps(step, a.warmup, a.iters, cuda)
-    return {"step_time": sec, "batch": cfg.data.batch_size, "flops_per_sample": flops_per_sample(cfg, cfg.data.batch_size),
+    return {"step_time": sec, "batch": cfg.data.batch_size,
+            "flops_per_sample": flops_per_sample(cfg, cfg.data.batch_size),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "note": f"open_clip {open_clip.__version__} {'ClipLoss' if case['objective'] == 'clip' else 'SigLipLoss'}"}
 

@@ -240,10 +240,12 @@ class DINOObjective(Objective):
             t_params = dict(teacher.named_parameters())
             for names, s_params in _ema_units(student):
                 with deepspeed.zero.GatheredParameters(s_params, modifier_rank=None):
-                    for name, ps in zip(names, s_params):
-                        pt = t_params[name]
-                        pt.mul_(momentum).add_(ps.detach().to(device=pt.device, dtype=torch.float32),
-                                               alpha=1 - momentum)
+                    # One multi-tensor kernel per op and unit instead of two per parameter (~300 launches per step
+                    # for a ViT-B); the same arithmetic. The .to() is a no-op for an fp32 student.
+                    t_list = [t_params[name] for name in names]
+                    s_list = [ps.detach().to(device=pt.device, dtype=torch.float32) for ps, pt in zip(s_params, t_list)]
+                    torch._foreach_mul_(t_list, momentum)
+                    torch._foreach_add_(t_list, s_list, alpha=1 - momentum)
 
     # ----- state -----
     def extra_state(self) -> dict[str, torch.Tensor]:

@@ -17,9 +17,9 @@ LOG_EVERY, STEPS = 3, 7
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2"}
 # The syncs left are DeepSpeed's own, inside its optimizer step (deepspeed 0.19.8): the bf16 optimizer (ZeRO-1 at
 # bf16) checks the global gradient norm for inf/NaN and compares the clip coefficient with 1 on the host; ZeRO-2
-# checks the gradients for overflow (even at bf16) and the norm in unscale_and_clip_grads, once per parameter group. Removing them means patching DeepSpeed's
-# optimizers; on an H200 the ZeRO-1 bf16 engine with them still matched the plain loop (benchmarks/results/gpu).
-# (innermost function, its caller), both in deepspeed/runtime:
+# checks the gradients for overflow (even at bf16) and the norm in unscale_and_clip_grads, once per parameter group.
+# Removing them means patching DeepSpeed's optimizers; on an H200 the ZeRO-1 bf16 engine with them still matched
+# the plain loop (benchmarks/results/gpu). As (innermost function, its caller), both in deepspeed/runtime:
 DEEPSPEED_OPTIMIZER_CHECKS = {("is_invalid_grad_norm", "step"), ("clip_tensors_by_global_norm", "step"),
                               ("is_invalid_grad_norm", "unscale_and_clip_grads"), ("has_overflow", "_check_overflow")}
 
