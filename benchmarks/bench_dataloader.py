@@ -9,14 +9,14 @@
 
 What is measured. One case = (transform, backend, threads T), each in its own fresh subprocess (thread pools,
 worker processes, numba's compiled kernel and the allocator never carry over from one case to the next):
-- transform `clip`: ImageTextSpec(224, train=True): RandomResizedCrop scale (0.9, 1.0) bicubic, normalize, and the
+- transform `clip`: ImageTextSpec(224, train=True): RandomResizedCrop scale (0.9, 1.0) bicubic, uint8 CHW out, and the
   caption read and decoded to a string. Tokenization is NOT part of this benchmark for the fastenc backends (the
   trainer tokenizes once per batch with CaptionCollate: in the loader worker on the torch path, in the training
   process after DALI; one sentencepiece call per batch); open_clip's pipeline tokenizes every caption inside its
   workers (`map_dict(text=tokenizer)`), so its rows include that cost, and `tokenize_ms_per_image` (open_clip's
   tokenizer, one caption per call, measured in the case's process) says how much it is.
 - transform `dino`: MultiCropSpec(global_size=224, local_size=96, num_global=2, num_local=10): DINO's multi-crop
-  (2 global + 10 local crops, color jitter, grayscale, blur, solarize, flip, normalize). No captions.
+  (2 global + 10 local crops, color jitter, grayscale, blur, solarize, flip; uint8 out). No captions.
 - backends: `dali-cpu` = fastenc.data.dali.DaliLoader(device="cpu", num_threads=T); `torch` =
   fastenc.data.loader.build_loader(sample_fn=torch_sample_fn(spec), num_workers=T) (PIL + torchvision in T worker
   processes); `open_clip` (clip only) = open_clip_train.data.get_wds_dataset with open_clip's train preprocess

@@ -94,17 +94,18 @@ def flops_per_sample(cfg, batch: int) -> float:
 
 
 def one_batch(obj, cfg, device, dtype):
-    """One real batch from the objective's own pipeline (decode + augment + collate), on the device."""
+    """One real batch from the objective's own pipeline (decode + augment + collate), on the device, normalized."""
     import torch
 
     from fastenc.data.loader import build_dataset
+    from fastenc.data.spec import ImageNormalizer
 
     batch = next(iter(build_dataset(cfg.data.train_shards, sample_fn=obj.sample_fn(train=True),
                                     batch_size=cfg.data.batch_size, num_workers=0, shuffle_buffer=0,
                                     collate_fn=obj.collate_fn(train=True))))
     batch.pop("num_skipped", None)
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()
-            if isinstance(v, torch.Tensor)}
+    batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return ImageNormalizer.of(obj.data_spec(train=True))(batch, dtype)
 
 
 def time_steps(step, warmup: int, iters: int, cuda: bool) -> float:

@@ -84,12 +84,12 @@ def _fn():
     return fn, types
 
 
-def _normalize(img, spec, *, mirror=None, crop=None):
+def _to_chw(img, *, mirror=None, crop=None):
+    """HWC uint8 -> CHW uint8 (normalized later on the device, fastenc.data.spec), with the optional flip / crop."""
     import nvidia.dali.fn as fn  # plain imports: also called under DALI's conditional (autograph) conversion
     import nvidia.dali.types as types
 
-    kwargs = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in spec.mean],
-                  std=[255 * s for s in spec.std])
+    kwargs = dict(dtype=types.UINT8, output_layout="CHW")
     if mirror is not None:
         kwargs["mirror"] = mirror
     if crop is not None:
@@ -98,7 +98,7 @@ def _normalize(img, spec, *, mirror=None, crop=None):
 
 
 def image_text_graph(encoded, spec: ImageTextSpec, device: str):
-    """Encoded image bytes -> normalized float [3, S, S]: open_clip's train or eval transform."""
+    """Encoded image bytes -> uint8 [3, S, S]: open_clip's train or eval transform (normalized on the device)."""
     fn, types = _fn()
     decoder = "mixed" if device == "gpu" else "cpu"
     size = spec.image_size
@@ -108,17 +108,17 @@ def image_text_graph(encoded, spec: ImageTextSpec, device: str):
                                             random_area=list(spec.crop_scale), random_aspect_ratio=list(S.CROP_RATIO),
                                             num_attempts=10)
         img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
-        return _normalize(img, spec)
+        return _to_chw(img)
     img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     img = fn.resize(img, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
-    return _normalize(img, spec, crop=(size, size))
+    return _to_chw(img, crop=(size, size))
 
 
 _SOLARIZE_LUT = [k if k < 128 else 255 - k for k in range(256)]  # torchvision's RandomSolarize(threshold=128)
 
 
 def _dino_crop(img, size: int, scale, blur_p: float, solarize_p: float, spec: MultiCropSpec):
-    """One DINO crop: random resized crop, color jitter p 0.8, grayscale p 0.2, blur p, solarize p, flip, normalize.
+    """One DINO crop: random resized crop, color jitter p 0.8, grayscale p 0.2, blur p, solarize p, flip -> uint8 CHW.
 
     Probabilistic steps are DALI conditionals, so only the samples that take a step pay for it. Jitter and
     grayscale are one color_twist (grayscale = saturation 0, luma weights 0.299/0.587/0.114, as torchvision), whose
@@ -152,7 +152,7 @@ def _dino_crop(img, size: int, scale, blur_p: float, solarize_p: float, spec: Mu
     if solarize_p > 0:
         if fn.random.coin_flip(probability=solarize_p):
             img = fn.lookup_table(img, keys=list(range(256)), values=_SOLARIZE_LUT, dtype=types.UINT8)
-    return _normalize(img, spec, mirror=fn.random.coin_flip(probability=S.FLIP_P))
+    return _to_chw(img, mirror=fn.random.coin_flip(probability=S.FLIP_P))
 
 
 def _cpu_crop_params(num: int, blur_p: float, solarize_p: float, spec: MultiCropSpec):
@@ -175,9 +175,7 @@ def _cpu_crop_params(num: int, blur_p: float, solarize_p: float, spec: MultiCrop
                  fn.random.uniform(range=[-j["hue"], j["hue"]]),
                  fn.random.uniform(values=[float(k) for k in range(24)]),  # torchvision's randperm(4)
                  coin(S.GRAY_P), sigma, coin(solarize_p)]
-        constants = fn.constant(fdata=[255 * m for m in spec.mean] + [255 * s for s in spec.std], shape=[6],
-                                dtype=types.FLOAT)
-        rows.append(fn.cat(fn.stack(*draws), constants))
+        rows.append(fn.stack(*draws))
     return fn.stack(*rows)
 
 
@@ -198,9 +196,9 @@ def multicrop_graph(encoded, spec: MultiCropSpec, device: str, fused: bool | Non
     """Encoded bytes -> (global [G, 3, S, S], local [N, 3, s, s] or None): one decode, G + N crops.
 
     gpu: DALI's GPU operators per crop (_dino_crop). cpu: DALI decodes and crops, then one fused numba kernel per
-    crop group does the color, blur, solarize, flip and normalization (fastenc.data.dali_numba), because DALI's
-    CPU color and blur operators are too slow to beat PIL. fused=False on cpu runs the gpu graph's operators on the
-    CPU (how tests check the GPU graph on machines without a GPU).
+    crop group does the color, blur, solarize, flip and the uint8 CHW output (fastenc.data.dali_numba), because
+    DALI's CPU color and blur operators are too slow to beat PIL. fused=False on cpu runs the gpu graph's operators
+    on the CPU (how tests check the GPU graph on machines without a GPU).
     """
     fn, types = _fn()
     img = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)

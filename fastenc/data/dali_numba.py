@@ -5,8 +5,9 @@ per pixel; with 12 crops per image they made DALI-cpu multi-crop no faster than 
 in one pass over a float buffer: the color jitter with torchvision's semantics (brightness, contrast around the
 mean gray level, saturation, HSV hue shift, in a random order, clamped after each), grayscale, Gaussian blur
 (separable, sigma in pixels, edges clamped, as Pillow), solarize (>= 128 inverted), the horizontal flip, and the
-normalization to float CHW. DALI keeps the decode, the random resized crops and the random draws; the GPU pipeline
-uses DALI's own GPU operators instead (fastenc.data.dali).
+uint8 CHW output (rounded, as Pillow's ops round; normalized later on the device, fastenc.data.spec). DALI keeps
+the decode, the random resized crops and the random draws; the GPU pipeline uses DALI's own GPU operators instead
+(fastenc.data.dali).
 
 The kernel is plain Python over numpy arrays: numba compiles it for DALI (once per process, ~5 s with its disk
 cache warm), and the tests call it directly to compare every step with torchvision's functional ops
@@ -14,7 +15,7 @@ cache warm), and the tests call it directly to compare every step with torchvisi
 
 Per-crop parameters (one float32 row of NUM_PARAMS):
     0 flip   1 jitter   2 brightness   3 contrast   4 saturation   5 hue (turns)   6 order (0..23, a permutation
-    of the four jitter ops)   7 gray   8 blur sigma (0: none)   9 solarize   10-12 mean*255   13-15 std*255
+    of the four jitter ops)   7 gray   8 blur sigma (0: none)   9 solarize
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import functools
 
 import numpy as np
 
-NUM_PARAMS = 16
-P_FLIP, P_JITTER, P_BRIGHT, P_CONTRAST, P_SAT, P_HUE, P_ORDER, P_GRAY, P_SIGMA, P_SOLARIZE, P_MEAN, P_STD = (
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13)
+NUM_PARAMS = 10
+P_FLIP, P_JITTER, P_BRIGHT, P_CONTRAST, P_SAT, P_HUE, P_ORDER, P_GRAY, P_SIGMA, P_SOLARIZE = range(NUM_PARAMS)
 MAX_BLUR_RADIUS = 64  # taps per side; sigma up to ~21 px
 
 
@@ -147,7 +147,7 @@ def _blur(buf, tmp, sigma, line):
 
 
 def augment_crop(out, img, p, buf, tmp, line):
-    """One crop: img [H, W, 3] uint8, p [NUM_PARAMS] -> out [3, H, W] float32 (normalized)."""
+    """One crop: img [H, W, 3] uint8, p [NUM_PARAMS] -> out [3, H, W] uint8."""
     H, W, _ = img.shape
     for y in range(H):
         for x in range(W):
@@ -175,18 +175,16 @@ def augment_crop(out, img, p, buf, tmp, line):
     flip = p[P_FLIP] > 0.5
     threshold = 128.0 / 255.0
     for c in range(3):
-        mean = p[P_MEAN + c]
-        inv_std = 1.0 / p[P_STD + c]
         for y in range(H):
             for x in range(W):
                 v = buf[c, y, W - 1 - x if flip else x]
                 if solarize and v >= threshold:
                     v = 1.0 - v
-                out[c, y, x] = (v * 255.0 - mean) * inv_std
+                out[c, y, x] = np.uint8(min(max(v * 255.0 + 0.5, 0.0), 255.0))  # round half up, as Pillow
 
 
 def augment_crops(out, crops, params):
-    """DALI run_fn, one sample: crops [N, H, W, 3] uint8, params [N, NUM_PARAMS] -> out [N, 3, H, W] float32."""
+    """DALI run_fn, one sample: crops [N, H, W, 3] uint8, params [N, NUM_PARAMS] -> out [N, 3, H, W] uint8."""
     N, H, W, _ = crops.shape
     buf = np.empty((3, H, W), np.float32)
     tmp = np.empty((3, H, W), np.float32)
@@ -224,5 +222,5 @@ def dali_op():
                 g[name] = numba.njit(cache=True)(g[name])
             except RuntimeError:  # "cannot cache function ...: no locator available"
                 g[name] = numba.njit(g[name])
-    return NumbaFunction(run_fn=augment_crops, setup_fn=augment_crops_setup, out_types=[types.FLOAT],
+    return NumbaFunction(run_fn=augment_crops, setup_fn=augment_crops_setup, out_types=[types.UINT8],
                          in_types=[types.UINT8, types.FLOAT], outs_ndim=[4], ins_ndim=[4, 2], device="cpu")

@@ -5,14 +5,20 @@ An objective describes its samples with one of these specs (`Objective.data_spec
 the two backends cannot drift apart in crop sizes, scale ranges or probabilities.
 
 Batch keys produced from each spec (both backends):
-    ImageTextSpec  "image" [B, 3, S, S] float32 normalized; with captions "caption" list[str] (tokenized per batch
-                   by the objective's collate, CaptionCollate)
-    MultiCropSpec  "global" [B, G, 3, S, S] and, with local crops, "local" [B, N, 3, s, s] float32 normalized
+    ImageTextSpec  "image" [B, 3, S, S] uint8; with captions "caption" list[str] (tokenized per batch by the
+                   objective's collate, CaptionCollate)
+    MultiCropSpec  "global" [B, G, 3, S, S] and, with local crops, "local" [B, N, 3, s, s] uint8
+
+Images travel as uint8 (a quarter of float32's bytes through the loader workers' shared memory and the
+host-to-device copy) and are normalized where they are used, on the device, by `ImageNormalizer` with the spec's
+mean / std: the same arithmetic as torchvision's ToTensor + Normalize.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 # open_clip's OPENAI_DATASET_MEAN / _STD: the normalization every CLIP-family checkpoint expects.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,3 +76,36 @@ class MultiCropSpec:
 JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 BLUR_P_GLOBAL1, BLUR_P_GLOBAL2, BLUR_P_LOCAL, SOLARIZE_P = 1.0, 0.1, 0.5, 0.2
+
+
+class ImageNormalizer:
+    """uint8 image tensors of a batch -> (x / 255 - mean) / std, on the tensor's device, in fp32 then cast to dtype.
+
+    The op order of torchvision's ToTensor + Normalize, so the values equal what a float pipeline would deliver.
+    Every uint8 tensor of the batch is an image ([..., 3, H, W], both backends); other entries pass unchanged.
+    mean / std tensors are made once per device (no host-to-device copy per step).
+    """
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._consts: dict = {}
+
+    def _on(self, device: torch.device):
+        if device not in self._consts:
+            self._consts[device] = (torch.tensor(self.mean, device=device).view(3, 1, 1),
+                                    torch.tensor(self.std, device=device).view(3, 1, 1))
+        return self._consts[device]
+
+    def __call__(self, batch: dict, dtype: torch.dtype = torch.float32) -> dict:
+        out = dict(batch)
+        for key, x in batch.items():
+            if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+                if x.dim() < 3 or x.shape[-3] != 3:
+                    raise ValueError(f"batch[{key!r}]: a uint8 image must be [..., 3, H, W], got {tuple(x.shape)}")
+                mean, std = self._on(x.device)
+                out[key] = x.float().div_(255).sub_(mean).div_(std).to(dtype)
+        return out
+
+    @classmethod
+    def of(cls, spec) -> "ImageNormalizer":
+        return cls(spec.mean, spec.std)

@@ -70,10 +70,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def image_transform(image_size: int, *, train: bool, scale=(0.9, 1.0), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+def image_transform(image_size: int, *, train: bool, scale=(0.9, 1.0), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                    normalize: bool = True):
     """open_clip's image transform: PIL image -> normalized FloatTensor[3, image_size, image_size].
 
     train: RandomResizedCrop(bicubic, `scale` area range); eval: Resize(shortest side, bicubic) + CenterCrop.
+    normalize=False: a uint8 tensor instead, normalized later on the device (fastenc.data.spec.ImageNormalizer).
     """
     from torchvision import transforms as T
 
@@ -83,11 +85,18 @@ def image_transform(image_size: int, *, train: bool, scale=(0.9, 1.0), mean=OPEN
                                         antialias=True)]
     else:
         geometry = [T.Resize(image_size, interpolation=bicubic, antialias=True), T.CenterCrop(image_size)]
-    return T.Compose([*geometry, _to_rgb, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*geometry, _to_rgb, *_to_tensor(mean, std, normalize)])
+
+
+def _to_tensor(mean, std, normalize: bool) -> list:
+    """PIL -> normalized float CHW (ToTensor + Normalize), or uint8 CHW for normalization on the device."""
+    from torchvision import transforms as T
+
+    return [T.ToTensor(), T.Normalize(mean, std)] if normalize else [T.PILToTensor()]
 
 
 class CaptionSample:
-    """sample_fn for image-caption shards: raw webdataset sample dict -> {"image": [3,S,S] float, "caption": str}.
+    """sample_fn for image-caption shards: raw sample dict -> {"image": image_transform's [3,S,S], "caption": str}.
 
     Captions are tokenized per batch by fastenc.data.collate.CaptionCollate (one sentencepiece call per batch).
     `captions=False` returns only the image (image-only objectives). Picklable when `image_transform` is.
@@ -136,7 +145,7 @@ class _GaussianBlur:
 
 def multicrop_transforms(global_size: int, local_size: int, *, num_global: int = 2,
                          global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), blur_radius=(0.1, 2.0),
-                         mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+                         mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, normalize: bool = True):
     """DINO's DataAugmentationDINO as torchvision transforms: (list of per-global-crop transforms, local transform).
 
     Every crop: RandomResizedCrop (bicubic) -> flip p 0.5 -> color jitter (0.4, 0.4, 0.2, 0.1) p 0.8 -> grayscale
@@ -144,6 +153,7 @@ def multicrop_transforms(global_size: int, local_size: int, *, num_global: int =
     further global crop); p 0.5 on local crops. Normalization is the same mean/std as the image-text objectives
     (the study keeps the pipeline identical across objectives; DINO's reference uses ImageNet's). blur_radius: the
     blur's radius range in output pixels (the reference's 0.1-2.0 px are for 224 px global / 96 px local crops).
+    normalize=False: uint8 crops, normalized later on the device (fastenc.data.spec.ImageNormalizer).
     """
     from torchvision import transforms as T
 
@@ -153,7 +163,7 @@ def multicrop_transforms(global_size: int, local_size: int, *, num_global: int =
         T.RandomApply([T.ColorJitter(**S.JITTER)], p=S.JITTER_P),
         T.RandomGrayscale(p=S.GRAY_P),
     ]
-    normalize = [_to_rgb, T.ToTensor(), T.Normalize(mean, std)]
+    normalize = [_to_rgb, *_to_tensor(mean, std, normalize)]
 
     lo, hi = (float(r) for r in blur_radius)
     if not 0 <= lo <= hi:
@@ -205,14 +215,16 @@ class MultiCropSample:
 
 
 def torch_sample_fn(spec):
-    """The torch path's per-sample callable (run in DataLoader workers) for an ImageTextSpec or MultiCropSpec."""
+    """The torch path's per-sample callable (run in DataLoader workers) for an ImageTextSpec or MultiCropSpec;
+    images come out uint8 (fastenc.data.spec)."""
     if isinstance(spec, ImageTextSpec):
         tf = image_transform(spec.image_size, train=spec.train, scale=tuple(spec.crop_scale), mean=spec.mean,
-                             std=spec.std)
+                             std=spec.std, normalize=False)
         return CaptionSample(tf, captions=spec.captions)
     if isinstance(spec, MultiCropSpec):
         globals_, local = multicrop_transforms(spec.global_size, spec.local_size, num_global=spec.num_global,
                                                global_scale=spec.global_scale, local_scale=spec.local_scale,
-                                               blur_radius=spec.blur_radius, mean=spec.mean, std=spec.std)
+                                               blur_radius=spec.blur_radius, mean=spec.mean, std=spec.std,
+                                               normalize=False)
         return MultiCropSample(globals_, local, spec.num_local)
     raise TypeError(f"no torch transform for data spec {spec!r}")

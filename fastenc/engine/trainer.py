@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fastenc.config import Config, batch_layout, config_hash, config_to_yaml
+from fastenc.data.spec import ImageNormalizer
 from fastenc.engine.checkpoint import (
     atomic_write_text,
     export_from_state_dict,
@@ -91,7 +92,9 @@ def _describe_stream(stream) -> str:
     return "torch (PIL + torchvision workers)"
 
 
-def _to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
+def _to_device(batch: dict, device: torch.device, float_dtype: torch.dtype, normalize: ImageNormalizer) -> dict:
+    """The batch on the device (non-blocking from the loader's pinned memory), its uint8 images normalized there
+    and every floating tensor in the engine's precision."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -99,7 +102,7 @@ def _to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> d
             if v.is_floating_point():
                 v = v.to(float_dtype)
         out[k] = v
-    return out
+    return normalize(out, float_dtype)
 
 
 def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = None, max_steps: int | None = None,
@@ -156,6 +159,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
         except ValueError as e:  # another data setup than the checkpoint's: say so, start the stream afresh
             log.warning("rank %d: data position not restored (%s); the data stream starts afresh", dist.rank, e)
     next_batch = stream.__next__
+    normalize = ImageNormalizer.of(module.data_spec(train=True))
 
     end_step = cfg.schedule.steps if max_steps is None else min(cfg.schedule.steps, start_step + max_steps)
     logger = MetricsLogger(run_dir, enabled=dist.is_main, total_steps=cfg.schedule.steps, start_step=start_step,
@@ -178,7 +182,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
             t0 = time.perf_counter()
             batch = next_batch()
             t1 = time.perf_counter()
-            batch = _to_device(batch, dist.device, float_dtype)
+            batch = _to_device(batch, dist.device, float_dtype, normalize)
             skipped = batch.pop("num_skipped", None)
             loss, metrics = engine(batch)
             if sync:

@@ -57,6 +57,33 @@ def test_decode_caption():
         decode_caption(b" \n\t")
 
 
+def test_uint8_images_normalized_on_the_device_equal_the_float_pipeline():
+    """The training path sends uint8 (torch_sample_fn, both specs) and ImageNormalizer normalizes after the copy:
+    bitwise what ToTensor + Normalize give, for the same random crops (same seed)."""
+    from fastenc.data.spec import ImageNormalizer, ImageTextSpec, MultiCropSpec
+    from fastenc.data.transforms import torch_sample_fn
+
+    sample = {"__key__": "k", "jpg": _jpeg((80, 60)), "txt": b"a caption"}
+    for spec, keys in ((ImageTextSpec(32), ("image",)), (ImageTextSpec(32, train=False), ("image",)),
+                       (MultiCropSpec(32, 16, num_local=3, blur_radius=(0.1, 0.5)), ("global", "local"))):
+        torch.manual_seed(0)
+        raw = torch_sample_fn(spec)(sample)
+        torch.manual_seed(0)
+        if isinstance(spec, ImageTextSpec):
+            want = {"image": image_transform(32, train=spec.train, scale=spec.crop_scale)(decode_image(sample["jpg"]))}
+        else:
+            from fastenc.data.transforms import MultiCropSample, multicrop_transforms
+
+            g, loc = multicrop_transforms(32, 16, num_global=spec.num_global, blur_radius=spec.blur_radius)
+            want = MultiCropSample(g, loc, spec.num_local)(sample)
+        got = ImageNormalizer.of(spec)(raw)
+        for k in keys:
+            assert raw[k].dtype == torch.uint8, (spec, k)
+            assert torch.equal(got[k], want[k]), (spec, k, (got[k] - want[k]).abs().max())
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3, H, W\]"):
+        ImageNormalizer.of(ImageTextSpec(32))({"image": torch.zeros(2, 4, 8, 8, dtype=torch.uint8)})
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_image_transform_shapes_and_normalization(train):
     tf = image_transform(32, train=train)

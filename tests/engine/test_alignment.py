@@ -35,6 +35,7 @@ def alignment_report(objectives, overrides) -> dict:
     from fastenc.data.loader import build_dataset
     from fastenc.engine.deepspeed_config import build_engine
     from fastenc.engine.distributed import init_distributed
+    from fastenc.data.spec import ImageNormalizer
     from fastenc.engine.trainer import _to_device
     from fastenc.objectives import build_objective
 
@@ -62,7 +63,7 @@ def alignment_report(objectives, overrides) -> dict:
                                             collate_fn=obj.collate_fn(train=True))))
             batch.pop("num_skipped")
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            loss, _ = engine(_to_device(batch, dist.device, dtype))
+            loss, _ = engine(_to_device(batch, dist.device, dtype, ImageNormalizer.of(obj.data_spec(train=True))))
             engine.backward(loss)
             engine.step()
             for h in hooks:
