@@ -1,0 +1,96 @@
+"""The one way fastenc writes a file: never half-written, whatever kills the process.
+
+Every writer in fastenc goes through `atomic_path` (or the helpers built on it):
+
+    with atomic_path("runs/x/metrics.png") as tmp:   # tmp: runs/x/.metrics.png.<pid>.<random>.tmp.png
+        fig.savefig(tmp)                              # write anything to tmp, by any library
+    # here the file is complete, fsynced and renamed into place; on an exception tmp is removed instead
+
+The temporary file sits in the target's directory (so the rename is atomic on POSIX), is hidden (a leading dot, so
+globs like *.tar never see it), ends with the target's extension (so libraries that infer the format from the name,
+PIL and matplotlib, still do) and carries the pid and a random part (so concurrent writers never collide).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from typing import Iterator
+
+TMP_MARK = ".tmp"
+
+
+def temp_name(path: str) -> str:
+    """The temporary sibling of `path` used while writing it."""
+    head, tail = os.path.split(path)
+    ext = os.path.splitext(tail)[1]
+    return os.path.join(head, f".{tail}.{os.getpid()}.{secrets.token_hex(4)}{TMP_MARK}{ext}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of temp_name's (left behind by a writer that was killed)."""
+    base = os.path.basename(name)
+    return base.startswith(".") and (TMP_MARK + os.path.splitext(base)[1]) in base
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:  # a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, *, fsync: bool = True) -> Iterator[str]:
+    """Yield a temporary path to write; on success fsync it, rename it to `path` and fsync the directory. The parent
+    directory is created if needed. fsync=False skips the fsyncs (scratch files that a crash may lose, never
+    half-written ones)."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if not os.path.exists(tmp):
+            raise FileNotFoundError(f"atomic write of {path}: nothing was written to the temporary file {tmp}")
+        if fsync:
+            _fsync_file(tmp)
+        os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path: str, data: bytes, *, fsync: bool = True) -> str:
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_text(path: str, text: str, *, fsync: bool = True) -> str:
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def write_json(path: str, obj, *, indent: int | None = 1, fsync: bool = True, **dumps_kwargs) -> str:
+    """JSON with a trailing newline (dumps_kwargs: default=str, sort_keys=True, ...)."""
+    return write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n", fsync=fsync)
+
