@@ -205,7 +205,7 @@ def measure_fastenc(args, cfg) -> tuple[list[dict], dict]:
     """One fastenc training run: per-step rows after warmup (metrics.jsonl keys) and the CPU monitor's fields."""
     import torch
 
-    from fastenc.engine.logging import read_metrics
+    from fastenc.run.metrics import read_metrics
     from fastenc.engine.trainer import train
 
     total = args.warmup + args.steps

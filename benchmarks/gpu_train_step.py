@@ -223,7 +223,7 @@ def run_trainer(case: dict, a) -> dict:
     import torch
 
     from fastenc.config import load_config
-    from fastenc.engine.logging import read_metrics
+    from fastenc.run.metrics import read_metrics
     from fastenc.engine.trainer import train
 
     cuda = torch.cuda.is_available()

@@ -23,7 +23,7 @@ done
 "$PY" - "$OUT" "$STEPS" <<'PYEOF'
 import datetime, os, subprocess, sys
 from fastenc.analysis.curves import plot_loss_curves
-from fastenc.engine.logging import read_metrics
+from fastenc.run.metrics import read_metrics
 
 out, steps = sys.argv[1], int(sys.argv[2])
 runs = ["deepspeed_clip", "torchrun_clip", "deepspeed_siglip", "torchrun_siglip"]

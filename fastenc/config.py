@@ -31,9 +31,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message says which key and what to do."""
+from fastenc.errors import ConfigError  # raised here; re-exported for the callers of fastenc.config
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -185,9 +185,9 @@ def check_controlled(configs: list[Config], labels: list[str]) -> list[str]:
 
 def _run_dir(cfg: Config) -> str:
     """Where a study run lives: the trainer's run dir for it (output_dir/name)."""
-    from fastenc.engine.trainer import cfg_run_dir
+    from fastenc.run.layout import RunDir
 
-    return cfg_run_dir(cfg)
+    return RunDir.of(cfg).root
 
 
 def run_state(cfg: Config) -> tuple[str, str]:
@@ -196,8 +196,8 @@ def run_state(cfg: Config) -> tuple[str, str]:
     without its export (interrupted: resume); ("other", why) a run dir that is not this run (another config, or not
     a fastenc run dir): `study run` refuses rather than train next to it or overwrite it."""
     from fastenc.config import config_hash
-    from fastenc.engine.checkpoint import latest_tag
-    from fastenc.engine.logging import metrics_history
+    from fastenc.run.layout import latest_tag
+    from fastenc.run.metrics import metrics_history
 
     run_dir = _run_dir(cfg)
     if not os.path.exists(run_dir):
@@ -231,7 +231,7 @@ def _recorded(cfg: Config) -> tuple[str, Config, dict | None]:
 
 
 def _last_metrics(run_dir: str) -> dict:
-    from fastenc.engine.logging import read_metrics
+    from fastenc.run.metrics import read_metrics
 
     path = os.path.join(run_dir, "metrics.jsonl")
     rows = [r for r in read_metrics(path) if "loss" in r] if os.path.isfile(path) else []

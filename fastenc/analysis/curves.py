@@ -11,7 +11,7 @@ from fastenc.utils.optional import require
 def plot_loss_curves(metrics_paths: list[str], out_png: str, *, labels: list[str] | None = None,
                      x: str = "samples_seen", y: str = "loss") -> str:
     """Plot `y` against `x` for each run; returns the PNG path (written atomically)."""
-    from fastenc.engine.logging import metrics_history
+    from fastenc.run.metrics import metrics_history
 
     mpl = require("matplotlib", "loss-curve plots")
     mpl.use("Agg")

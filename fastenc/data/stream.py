@@ -1,6 +1,6 @@
 """The trainer's data stream: one interface over the DALI and torch backends.
 
-    stream = build_train_stream(cfg, objective, batch_size=micro, dist=dist, start_step=step)
+    stream = build_train_stream(cfg, objective, shards, batch_size=micro, dist=dist, start_step=step)
     batch = next(stream)              # {objective's keys..., "num_skipped"}
     stream.state_dict() / load_state_dict(state)   # per-rank position, saved with each checkpoint
 
@@ -12,7 +12,6 @@ so the continued stream neither replays the old order nor tracks which samples w
 from __future__ import annotations
 
 import logging
-import os
 
 from fastenc.utils.optional import MissingDependency, is_available, require, warn_once
 
@@ -81,35 +80,35 @@ class TorchStream:
             self._it = None
 
 
-def build_train_stream(cfg, objective, *, batch_size: int, dist, start_step: int = 0, run_dir: str | None = None):
-    """The training stream of `objective` over cfg.data, for this rank."""
+def build_train_stream(cfg, objective, shards: list[str], *, batch_size: int, dist, start_step: int = 0,
+                       work_dir: str | None = None):
+    """The training stream of `objective` over `shards` (cfg.data.train_shards expanded), for this rank. work_dir:
+    where the DALI backend keeps this rank's pipeline checkpoints (the run dir provides one per rank)."""
     backend = resolve_backend(cfg.data.backend)
     collate = objective.collate_fn(train=True)
     if backend == "dali":
         from fastenc.data.dali import DaliLoader
 
-        return DaliLoader(cfg.data.train_shards, objective.data_spec(train=True), batch_size=batch_size,
+        return DaliLoader(shards, objective.data_spec(train=True), batch_size=batch_size,
                           num_threads=max(1, cfg.data.num_workers), device=cfg.data.dali_device, seed=cfg.run.seed,
                           rank=dist.rank, world_size=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer,
                           resampled=cfg.data.resampled, index_dir=cfg.data.index_dir or None,
                           finish=getattr(collate, "finish", None), torch_device=dist.device,
-                          work_dir=os.path.join(run_dir, "data", f"rank{dist.rank}") if run_dir else None)
+                          work_dir=work_dir)
     # Resampled shards: the stream is re-seeded from the resume step (no sample order is replayed exactly).
-    return TorchStream(cfg.data.train_shards, sample_fn=objective.sample_fn(train=True), collate_fn=collate,
+    return TorchStream(shards, sample_fn=objective.sample_fn(train=True), collate_fn=collate,
                        batch_size=batch_size, num_workers=cfg.data.num_workers,
                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, seed=cfg.run.seed,
                        rank=dist.rank, world_size=dist.world_size, epoch=start_step)
 
 
-def prepare_indexes(cfg) -> dict | None:
+def prepare_indexes(cfg, shards: list[str]) -> dict | None:
     """For data.backend=dali: build missing or stale DALI index files (validating every sample) and return the
     summary of what the indexes hold (fastenc.data.index.summarize); None for the torch backend."""
     if resolve_backend(cfg.data.backend) != "dali":
         return None
     from fastenc.data.index import ensure_indexes, summarize
-    from fastenc.data.shards import expand_shards
 
-    shards = expand_shards(cfg.data.train_shards)
     try:
         reports, failed = ensure_indexes(shards, index_dir=cfg.data.index_dir or None, validate=True)
     except PermissionError as e:

@@ -1,10 +1,8 @@
-"""Checkpoints that are never half-written, resume, and export of the encoder as a timm-format safetensors file.
+"""Checkpoints that are never half-written, and resume.
 
-Layout of a run dir:
-    checkpoints/step00000100/   DeepSpeed checkpoint (module, optimizer shards, scheduler, client state)
-    checkpoints/latest          tag of the newest complete checkpoint (written last, atomically)
-    export/encoder.safetensors  the vision encoder, timm parameter names, fp32
-    export/objective.safetensors every parameter of the objective (text tower, projections, ...), fp32
+In a run dir's checkpoint dir (fastenc.run.layout), each checkpoint is a DeepSpeed checkpoint directory
+(module, optimizer shards, scheduler, client state) named by its step, plus the objective's extra state and every
+rank's data-stream position; `latest` names the newest complete one.
 
 A checkpoint is written under a temporary tag and renamed into place only after every rank finished writing,
 then `latest` is replaced atomically; a crash at any point leaves the previous checkpoint as `latest`.
@@ -20,29 +18,13 @@ import shutil
 import torch
 
 from fastenc.engine.distributed import barrier
-
-LATEST = "latest"
+from fastenc.run.layout import LATEST, latest_tag
+from fastenc.run.weights import save_safetensors
+from fastenc.utils import atomic
 
 
 def _tag(step: int) -> str:
     return f"step{step:08d}"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def latest_tag(ckpt_dir: str) -> str | None:
-    path = os.path.join(ckpt_dir, LATEST)
-    if not os.path.isfile(path):
-        return None
-    tag = open(path).read().strip()
-    return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
 
 
 EXTRA_STATE = "objective_extra.safetensors"
@@ -65,13 +47,13 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, *, is_
         save_safetensors(extra_state, os.path.join(ckpt_dir, tmp_tag, EXTRA_STATE), {"format": "pt"})
     if data_state is not None:
         os.makedirs(os.path.join(ckpt_dir, tmp_tag, "data"), exist_ok=True)
-        atomic_write_text(os.path.join(ckpt_dir, tmp_tag, "data", f"rank{rank}.json"), json.dumps(data_state))
+        atomic.write_json(os.path.join(ckpt_dir, tmp_tag, "data", f"rank{rank}.json"), data_state, indent=None)
     barrier()  # every rank's shards are on disk
     if is_main:
         final = os.path.join(ckpt_dir, tag)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(os.path.join(ckpt_dir, tmp_tag), final)
-        atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
+        atomic.write_text(os.path.join(ckpt_dir, LATEST), tag)
         tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and t != tag)
         for old in tags[: max(len(tags) - (keep - 1), 0)] if keep > 0 else []:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -129,42 +111,3 @@ def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
         if name in persistent:
             out[name] = b.detach().cpu().clone()
     return out
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def export_from_state_dict(state: dict[str, torch.Tensor], export_dir: str, cfg,
-                           encoder_prefix: str = "encoder.") -> dict[str, str]:
-    """Write encoder.safetensors (timm names: `encoder_prefix` stripped; DINO exports its teacher's backbone,
-    "teacher.encoder.") and objective.safetensors (everything)."""
-    from fastenc.config import config_to_yaml
-
-    meta = {"format": "pt", "model": cfg.model.name, "objective": cfg.objective.name,
-            "fastenc_config": config_to_yaml(cfg)}
-    enc = {k[len(encoder_prefix):]: v for k, v in state.items() if k.startswith(encoder_prefix)}
-    if not enc:
-        raise RuntimeError(f"no `{encoder_prefix}` parameters in the state dict: is this a fastenc objective "
-                           "checkpoint?")
-    paths = {"encoder": os.path.join(export_dir, "encoder.safetensors"),
-             "objective": os.path.join(export_dir, "objective.safetensors")}
-    save_safetensors(enc, paths["encoder"], meta)
-    save_safetensors(state, paths["objective"], meta)
-    with open(os.path.join(export_dir, "README.txt"), "w") as f:
-        f.write("encoder.safetensors loads with strict=True into "
-                f"timm.create_model('{cfg.model.name}', num_classes=0) (or fastenc.models.create_vit).\n"
-                + json.dumps({"img_size": cfg.model.img_size, "overrides": cfg.model.overrides}) + "\n")
-    return paths
-
-
-def load_encoder_state(path: str) -> dict[str, torch.Tensor]:
-    """Safe load of an exported encoder (safetensors: no pickle)."""
-    from safetensors.torch import load_file
-
-    return load_file(path)

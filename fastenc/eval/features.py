@@ -411,15 +411,11 @@ def _load(stem: str) -> Features:
 
 
 def encoder_checkpoint(source: str) -> str:
-    """The encoder file of a run dir (export/encoder.safetensors) or the given .safetensors; a clear error if the
-    run dir has none (the export is written when a run finishes)."""
-    if os.path.isdir(source):
-        path = os.path.join(source, "export", "encoder.safetensors")
-        if not os.path.isfile(path):
-            raise EvalDataError(f"run dir {source!r} has no encoder checkpoint ({path}): the export is written when a "
-                                "run reaches schedule.steps; finish the run (--resume), or pass an encoder "
-                                ".safetensors file")
-        return path
-    if not os.path.isfile(source):
-        raise EvalDataError(f"encoder {source!r} not found: pass a run dir or an encoder .safetensors file")
-    return source
+    """The encoder file of a run dir (its export) or the given .safetensors; a clear error if the run dir has none
+    (the export is written when a run finishes)."""
+    from fastenc.run.weights import encoder_file
+
+    try:
+        return encoder_file(source)
+    except FileNotFoundError as e:
+        raise EvalDataError(str(e)) from e

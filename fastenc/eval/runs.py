@@ -1,5 +1,5 @@
-"""What evaluation needs from a run dir (or a bare encoder file): the vision encoder, and for image-text objectives
-the text side (tokenizer, text tower, projections) to embed class prompts and captions.
+"""What evaluation needs from a run dir (or a bare encoder file): the vision encoder, and for objectives with a text
+side (`Objective.has_text`: CLIP, SigLIP) the tokenizer, text tower and projections to embed prompts and captions.
 
     run = load_run("runs/clip_tiny")          # or load_run("export/encoder.safetensors")
     base = load_run("init:runs/clip_tiny")    # the same run's weights before step 1: the untrained baseline
@@ -7,8 +7,8 @@ the text side (tokenizer, text tower, projections) to embed class prompts and ca
     run.encode_image(images) / run.encode_text(["a photo of a cat"])   # shared embedding space, L2-normalized
     run.has_text                              # False for DINO and for bare encoder files
 
-Everything is loaded from safetensors (no pickle): export/encoder.safetensors and export/objective.safetensors,
-with the architecture from the run's config.yaml.
+Everything is read through the run directory (fastenc.run): the exported encoder and objective (safetensors, no
+pickle) with the architecture from the run's recorded config.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fastenc.eval.features import EvalDataError, encoder_checkpoint, file_identity
+from fastenc.run.layout import RunDir
 
 
 @dataclass
@@ -79,13 +80,13 @@ INIT = "init:"
 
 
 def load_run(source: str, *, name: str | None = None, model: str | None = None) -> EvalRun:
-    """A run dir (config.yaml + export/) or an encoder .safetensors file, ready for evaluation (eval mode, CPU).
+    """A run dir (its config and export) or an encoder .safetensors file, ready for evaluation (eval mode, CPU).
 
     "init:RUN_DIR" (or "init:RECIPE.yaml") is that run's initial weights, named "<run.name>@init": what every
     protocol gives before training, the baseline that says what training added (random ViT features already
     carry color, for example). `model`: the ViT preset of a bare .safetensors file that fastenc did not export
     (a timm checkpoint)."""
-    from fastenc.eval.knn import load_exported_encoder
+    from fastenc.run.weights import load_exported_encoder
 
     if source.startswith(INIT):
         return _load_init(source, name)
@@ -96,64 +97,64 @@ def load_run(source: str, *, name: str | None = None, model: str | None = None) 
         raise EvalDataError(f"{source}: {e}") from e
     if not os.path.isdir(source):
         return EvalRun(name or os.path.splitext(os.path.basename(source))[0], source, checkpoint, encoder)
-    from fastenc.config import ConfigError
-    from fastenc.study import load_run_or_recipe
-
-    try:
-        cfg = load_run_or_recipe(source)
-    except ConfigError as e:
-        raise EvalDataError(f"run dir {source!r}: {e}") from e
-    metrics = os.path.join(source, "metrics.jsonl")
+    run_dir = RunDir(source)
+    cfg = _recorded_config(source)
     run = EvalRun(name or cfg.run.name, source, checkpoint, encoder,
-                  metrics_path=metrics if os.path.isfile(metrics) else None)
-    if cfg.objective.name in ("clip", "siglip"):
+                  metrics_path=run_dir.metrics if os.path.isfile(run_dir.metrics) else None)
+    if _objective_class(cfg).has_text:
         try:
-            run.objective_file = os.path.join(source, "export", "objective.safetensors")
+            run.objective_file = run_dir.objective
             run.objective = _load_objective(cfg, run.objective_file)
         except EvalDataError as e:
             run.text_unavailable = f"text side not loaded: {e}"
     return run
 
 
+def _recorded_config(path: str, hint: str = ""):
+    from fastenc.config import ConfigError
+    from fastenc.run.layout import load_config_or_run
+
+    try:
+        return load_config_or_run(path)
+    except ConfigError as e:
+        raise EvalDataError(f"{path!r}: {e}{hint}") from e
+
+
+def _objective_class(cfg):
+    from fastenc.objectives import get_objective
+
+    return get_objective(cfg.objective.name)
+
+
 def _load_init(source: str, name: str | None) -> EvalRun:
     """The objective exactly as the trainer builds it before step 1 (same seed, same construction order)."""
-    from fastenc.config import ConfigError
     from fastenc.objectives import build_objective
-    from fastenc.study import load_run_or_recipe
 
     path = source[len(INIT):]
-    try:
-        cfg = load_run_or_recipe(path)
-    except ConfigError as e:
-        raise EvalDataError(f"{source!r}: {e} (init: takes a run dir or a recipe YAML)") from e
-    if cfg.objective.name in ("clip", "siglip") and not os.path.isfile(cfg.objective.tokenizer):
-        raise EvalDataError(f"{source!r}: the run's tokenizer {cfg.objective.tokenizer!r} is not there (paths in "
-                            "config.yaml are relative to the directory training ran from: run `fastenc eval` there)")
+    cfg = _recorded_config(path, " (init: takes a run dir or a recipe YAML)")
+    cls = _objective_class(cfg)
+    missing = cls.missing_assets(cfg)
+    if missing:
+        raise EvalDataError(f"{source!r}: {missing}")
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(cfg.run.seed)  # as fastenc.engine.trainer.train does right before build_objective
         objective = build_objective(cfg).eval()
-    encoder = objective.get_submodule(objective.export_prefix.rstrip("."))
-    # Cache key: a run dir's config.yaml is fully resolved (seed included); a recipe may inherit bases that change
-    # without it, so its features are not cached.
-    recorded = os.path.join(path, "config.yaml")
-    run = EvalRun(name or f"{cfg.run.name}@init", source, recorded if os.path.isdir(path) else None, encoder.eval())
-    if cfg.objective.name in ("clip", "siglip"):
+    # Cache key: a run dir's recorded config is fully resolved (seed included); a recipe may inherit bases that
+    # change without it, so its features are not cached.
+    checkpoint = RunDir(path).config if os.path.isdir(path) else None
+    run = EvalRun(name or f"{cfg.run.name}@init", source, checkpoint, objective.exported_encoder().eval())
+    if cls.has_text:
         run.objective, run.objective_file = objective, run.checkpoint
     return run
 
 
 def _load_objective(cfg, path: str):
-    from safetensors.torch import load_file
-
-    from fastenc.objectives import build_objective
+    from fastenc.run.weights import load_exported_objective
 
     if not os.path.isfile(path):
         raise EvalDataError(f"{path} is missing: the image-text protocols (zero-shot, retrieval) need the whole "
-                            "objective, which a finished run exports next to encoder.safetensors")
-    if not os.path.isfile(cfg.objective.tokenizer):
-        raise EvalDataError(f"the run's tokenizer {cfg.objective.tokenizer!r} is not there (paths in config.yaml are "
-                            "relative to the directory training ran from: run `fastenc eval` from there)")
-    objective = build_objective(cfg)
-    state = load_file(path)
-    objective.load_state_dict({k: v for k, v in state.items() if k in objective.state_dict()}, strict=True)
-    return objective.eval()
+                            "objective, which a finished run exports next to its encoder")
+    missing = _objective_class(cfg).missing_assets(cfg)
+    if missing:
+        raise EvalDataError(missing)
+    return load_exported_objective(cfg, path)

@@ -11,8 +11,14 @@ The trainer calls, in this order and nothing else:
     loss, metrics = obj(batch)        batch: dict of tensors on the device (see each objective for keys)
     obj.on_step_end(step)             after each optimizer step (EMA teachers, centers, ...)
     obj.extra_state() / load_extra_state(state)   tensors DeepSpeed does not manage, saved with each checkpoint
-`obj.encoder` is the shared ViT that is trained; `export_prefix` names the encoder that gets exported (the student
-itself, or DINO's teacher); `no_weight_decay()` names parameters exempt from decay.
+`obj.encoder` is the shared ViT that is trained; `no_weight_decay()` names parameters exempt from decay.
+
+Capabilities: what evaluation and later stages (the VLM) ask an objective for, instead of checking its name.
+    export_prefix / exported_encoder()  the encoder a run exports (the student itself, or DINO's teacher backbone)
+    has_text                            an image-text objective: `tokenizer`, `encode_text(tokens)` and
+                                        `encode_image(images)` embed both in one L2-normalized space (zero-shot,
+                                        retrieval)
+    missing_assets(cfg)                 why the objective cannot be built from cfg here (a file it needs is absent)
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Objective(nn.Module):
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
     export_prefix: ClassVar[str] = "encoder."
+    has_text: ClassVar[bool] = False
 
     def __init__(self, cfg):
         super().__init__()
@@ -53,6 +60,16 @@ class Objective(nn.Module):
     @classmethod
     def prepare(cls, cfg) -> None:
         """One-time preparation of on-disk assets (runs on local rank 0 before construction)."""
+
+    @classmethod
+    def missing_assets(cls, cfg) -> str | None:
+        """Why the objective cannot be built from `cfg` on this machine without `prepare` (a file it needs is
+        absent), or None."""
+        return None
+
+    def exported_encoder(self) -> nn.Module:
+        """The vision encoder a run exports (export_prefix names it)."""
+        return self.get_submodule(self.export_prefix.rstrip("."))
 
     def data_spec(self, train: bool = True):
         """The sample description (ImageTextSpec, MultiCropSpec, ...) both data backends build from."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastenc.losses import clip_loss
-from fastenc.objectives import register_objective
+from fastenc.objectives.registry import register_objective
 from fastenc.objectives.image_text import ImageTextObjective
 
 

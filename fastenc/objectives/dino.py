@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fastenc.losses.dino import center_ema, dino_loss, teacher_batch_sum
-from fastenc.objectives import register_objective
+from fastenc.objectives.registry import register_objective
 from fastenc.objectives.base import Objective, build_encoder
 
 
@@ -112,7 +112,7 @@ class DINOObjective(Objective):
 
         ocfg = cfg.objective
         if ocfg.local_crops and ocfg.local_crop_size % self.encoder.patch_size:
-            from fastenc.config import ConfigError
+            from fastenc.errors import ConfigError
 
             raise ConfigError(f"objective.local_crop_size={ocfg.local_crop_size} is not a multiple of the patch size "
                               f"{self.encoder.patch_size}")

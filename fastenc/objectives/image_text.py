@@ -71,12 +71,13 @@ class ImageTextObjective(Objective):
 
     config_cls = ImageTextConfig
     uses_bias = False
+    has_text = True
 
     @classmethod
     def prepare(cls, cfg) -> None:
         ocfg = cfg.objective
         if not ocfg.tokenizer:
-            from fastenc.config import ConfigError
+            from fastenc.errors import ConfigError
 
             raise ConfigError("objective.tokenizer is empty: give a path to a sentencepiece .model (trained if missing)")
         if not os.path.exists(ocfg.tokenizer):
@@ -87,6 +88,13 @@ class ImageTextObjective(Objective):
                         ocfg.tokenizer_type, ocfg.vocab_size, cfg.data.train_shards)
             train_tokenizer(cfg.data.train_shards, prefix, vocab_size=ocfg.vocab_size,
                             model_type=ocfg.tokenizer_type)
+
+    @classmethod
+    def missing_assets(cls, cfg) -> str | None:
+        if os.path.isfile(cfg.objective.tokenizer):
+            return None
+        return (f"the run's tokenizer {cfg.objective.tokenizer!r} is not there (paths in a run's config are relative "
+                "to the directory training ran from: run from there)")
 
     def __init__(self, cfg):
         super().__init__(cfg)

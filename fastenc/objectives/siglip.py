@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from fastenc.losses import siglip_loss
-from fastenc.objectives import register_objective
+from fastenc.objectives.registry import register_objective
 from fastenc.objectives.image_text import ImageTextConfig, ImageTextObjective
 
 

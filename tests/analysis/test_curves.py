@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from fastenc.analysis.curves import plot_attribute_accuracy, plot_loss_curves
-from fastenc.engine.logging import metrics_history
+from fastenc.run.metrics import metrics_history
 
 
 def _write(path, rows):

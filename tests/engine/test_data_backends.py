@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from fastenc.engine.logging import read_metrics
+from fastenc.run.metrics import read_metrics
 from tests.engine.conftest import tiny_overrides, train_isolated
 from tests.engine.test_train import _dino_overrides
 

@@ -33,7 +33,7 @@ def host_reads_per_phase(objective, overrides) -> list:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastenc.config import load_config
-    from fastenc.engine.logging import MetricsLogger
+    from fastenc.run.metrics import MetricsLogger
     from fastenc.engine.trainer import train
     from fastenc.objectives import get_objective
     from tests.engine.conftest import ROOT

@@ -9,7 +9,7 @@ differ in summation order only (a few ulp per step), and 8 steps of AdamW at lr 
 import numpy as np
 import pytest
 
-from fastenc.engine.logging import read_metrics
+from fastenc.run.metrics import read_metrics
 from fastenc.utils.optional import is_available
 from tests.engine.conftest import tiny_overrides, train_isolated
 from tests.engine.test_train import _dino_overrides

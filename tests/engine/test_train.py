@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastenc.engine.distributed import free_port
-from fastenc.engine.logging import read_metrics
+from fastenc.run.metrics import read_metrics
 from tests.engine.conftest import ROOT, tiny_overrides, train_isolated
 
 RECIPE = {"clip": "configs/cpu/clip_tiny.yaml", "siglip": "configs/cpu/siglip_tiny.yaml"}
@@ -37,7 +37,7 @@ def test_zero_stages_precisions_accumulation_and_export(stage, precision, micro,
     fp32 encoder that loads strictly into create_vit; bf16 and ZeRO>0 exports come from the fp32 master weights."""
     import torch
 
-    from fastenc.engine.checkpoint import load_encoder_state
+    from fastenc.run.weights import load_encoder_state
     from fastenc.models import create_vit
 
     extra = [f"engine.zero_stage={stage}", f"engine.precision={precision}", "schedule.steps=3"]

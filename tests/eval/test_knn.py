@@ -64,7 +64,7 @@ def shards(tmp_path_factory):
 
 def test_features_and_cli_on_an_exported_encoder(shards, tmp_path, capsys):
     from fastenc.cli import main
-    from fastenc.engine.checkpoint import save_safetensors
+    from fastenc.run.weights import save_safetensors
     from fastenc.models import create_vit
 
     torch.manual_seed(0)

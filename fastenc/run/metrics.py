@@ -1,4 +1,5 @@
-"""Run logging: metrics.jsonl (one JSON object per logged step), TensorBoard events, a tqdm bar on rank 0."""
+"""A run's metrics: metrics.jsonl (one JSON object per logged step), TensorBoard events, a tqdm bar on rank 0; and
+the readers that evaluation, analysis and the study runner use."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import math
 import os
 import sys
 
+from fastenc.run.layout import RunDir
 from fastenc.utils.optional import is_available, warn_once
 
 
 class MetricsLogger:
     """Rank 0 writes; other ranks get a logger whose methods do nothing."""
 
-    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, start_step: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: RunDir, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = run_dir.metrics
         self._file = None
         self._tb = None
         self._bar = None
@@ -26,7 +29,7 @@ class MetricsLogger:
             if is_available("tensorboard"):
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self._tb = SummaryWriter(run_dir.tensorboard)
             else:
                 warn_once("tensorboard", "tensorboard is not installed: no event files (pip install tensorboard)")
         from tqdm import tqdm
@@ -79,3 +82,9 @@ def metrics_history(path: str) -> list[dict]:
         if "step" in row:
             by_step[row["step"]] = row
     return [by_step[k] for k in sorted(by_step)]
+
+
+def last_metrics(run_dir: RunDir) -> dict:
+    """The last logged row with a loss ({} for a run that logged none yet)."""
+    rows = [r for r in metrics_history(run_dir.metrics) if "loss" in r] if os.path.isfile(run_dir.metrics) else []
+    return rows[-1] if rows else {}
