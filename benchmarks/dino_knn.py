@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from fastenc.config import load_config
     from fastenc.data.synth import write_synthetic_shards
     from fastenc.run.metrics import read_metrics
-    from fastenc.eval.knn import load_exported_encoder
+    from fastenc.run.weights import load_exported_encoder
     from fastenc.objectives import build_objective
 
     train_shards = os.path.join(args.data_root, "synth_cpu")

@@ -12,11 +12,13 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 
 import torch
 
 from fastenc.data.shards import expand_shards, tar_samples
+from fastenc.utils import atomic
 from fastenc.utils.optional import require
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,8 @@ def train_tokenizer(shards, model_prefix, *, vocab_size: int = 8000, max_sentenc
                             stats["num_captions"], vocab_size, match.group(1))
                 vocab_size = int(match.group(1))
         for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
-            os.replace(tmp_prefix + ext, model_prefix + ext)
+            with atomic.atomic_path(model_prefix + ext) as dst:  # copied, since tmp may be on another filesystem
+                shutil.copyfile(tmp_prefix + ext, dst)
     log.info("trained %s tokenizer (vocab %d) on %d captions -> %s.model", model_type, vocab_size,
              stats["num_captions"], model_prefix)
     return model_prefix + ".model"

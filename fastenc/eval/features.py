@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image, image_transform, \
     locate_image
+from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
 
@@ -371,32 +372,16 @@ def extract(encoder, dataset: DatasetSpec, spec: FeatureSpec = FeatureSpec(), *,
     return out
 
 
-def _write_atomically(path: str, write) -> None:
-    """write(tmp) then rename tmp to path, so readers never see a half-written file; the tmp is removed on failure."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save(feats: Features, stem: str) -> None:
     """<stem>.json (ids, captions, classes, label order) first, <stem>.safetensors (feats, labels) last: an entry
     is read only when both exist, so an interrupted write leaves no entry that looks complete."""
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"ids": feats.ids, "captions": feats.captions, "classes": feats.classes,
-                       "labels": list(feats.labels)}, f)
-
-    _write_atomically(stem + ".json", write_json)
+    atomic.write_json(stem + ".json", {"ids": feats.ids, "captions": feats.captions, "classes": feats.classes,
+                                       "labels": list(feats.labels)}, indent=None)
     tensors = {"feats": feats.feats.contiguous(), **{f"label.{k}": v for k, v in feats.labels.items()}}
-    _write_atomically(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
+    with atomic.atomic_path(stem + ".safetensors") as tmp:
+        save_file(tensors, tmp)
 
 
 def _load(stem: str) -> Features:

@@ -14,6 +14,7 @@ import json
 import torch
 
 from fastenc.data.transforms import CorruptSample, decode_image, image_transform, locate_image
+from fastenc.run.weights import load_exported_encoder
 
 
 class LabelledImage:
@@ -92,43 +93,6 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, **kw) -> fl
     if len(test_labels) == 0:
         raise ValueError("no test samples to score")
     return float((knn_classify(train_feats, train_labels, test_feats, **kw) == test_labels.cpu()).float().mean())
-
-
-def load_exported_encoder(path: str, model: str | None = None):
-    """A ViT from export/encoder.safetensors (or a run dir holding export/), built from the export's metadata, or
-    from any timm-format ViT safetensors with `model` naming its preset (a classifier's `head.*` is dropped)."""
-    import os
-
-    import yaml
-    from safetensors import safe_open
-
-    from fastenc.engine.checkpoint import load_encoder_state
-    from fastenc.models import create_vit
-
-    if os.path.isdir(path):
-        path = os.path.join(path, "export", "encoder.safetensors")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no exported encoder (train with export on, or pass the .safetensors)")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    kwargs = {}
-    if model is None:
-        if "model" not in meta:
-            raise ValueError(f"{path} has no 'model' metadata (it was not exported by fastenc): pass --model with its "
-                             "ViT preset, e.g. --model vit_base_patch16_224 (`fastenc models` lists them)")
-        model = meta["model"]
-        if "fastenc_config" in meta:
-            mcfg = yaml.safe_load(meta["fastenc_config"]).get("model", {})
-            kwargs.update(mcfg.get("overrides") or {})
-            if mcfg.get("img_size"):
-                kwargs["img_size"] = mcfg["img_size"]
-            kwargs["global_pool"] = mcfg.get("global_pool", "token")
-    encoder = create_vit(model, **kwargs)
-    state = load_encoder_state(path)
-    if any(k.startswith("head.") for k in state) and not any(k.startswith("head.") for k in encoder.state_dict()):
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a timm classifier: its trunk
-    encoder.load_state_dict(state, strict=True)
-    return encoder.eval()
 
 
 def run_knn_command(args) -> int:

@@ -34,7 +34,6 @@ DIR/*.png, DIR/<pairs protocol>/. Paths inside the suite are relative to the dir
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ import time
 import yaml
 
 from fastenc.eval.features import DatasetSpec, EvalDataError, FeatureSpec, extract
+from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
 
@@ -385,10 +385,8 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
             failed.append(f"{proto}: {e}")
         entry["seconds"] = round(time.time() - start, 1)
     _attribute_figure(results, out_dir)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(_finite(results), f, indent=1, default=_jsonable, allow_nan=False)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(render_report(results, out_dir))
+    atomic.write_json(os.path.join(out_dir, "results.json"), _finite(results), default=_jsonable, allow_nan=False)
+    atomic.write_text(os.path.join(out_dir, "report.md"), render_report(results, out_dir))
     if failed:
         raise EvalDataError(f"{len(failed)} protocol(s) failed (the others are in {out_dir}/report.md): "
                             + "; ".join(failed))

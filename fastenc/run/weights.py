@@ -59,9 +59,9 @@ def encoder_file(source: str) -> str:
     if os.path.isdir(source):
         path = RunDir(source).encoder
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"run dir {source!r} has no exported encoder ({path}): the export is written when "
-                                    "a run reaches schedule.steps; finish the run (--resume), or pass an encoder "
-                                    ".safetensors file")
+            raise FileNotFoundError(f"run dir {source!r} has no encoder checkpoint (no exported encoder {path}): the "
+                                    "export is written when a run reaches schedule.steps; finish the run (--resume), "
+                                    "or pass an encoder .safetensors file")
         return path
     if not os.path.isfile(source):
         raise FileNotFoundError(f"encoder {source!r} not found: pass a run dir or an encoder .safetensors file")

@@ -113,7 +113,7 @@ def test_clear_errors(encoder, folder, tmp_path):
     with pytest.raises(EvalDataError, match="exactly one of"):
         DatasetSpec()
     (tmp_path / "run").mkdir()
-    with pytest.raises(EvalDataError, match="has no exported encoder"):
+    with pytest.raises(EvalDataError, match="has no encoder checkpoint"):
         encoder_checkpoint(str(tmp_path / "run"))
 
 
