@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from fastenc.models.layers.attention import check_attn_impl
-from fastenc.models.layers.block import Block, run_block
+from fastenc.models.layers.block import Block, BlockStack, run_block
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(BlockStack, nn.Module):
     """Token ids [B, L] (right-padded with `pad_id`, EOS last in each caption) -> text embedding [B, E]."""
 
     def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
@@ -59,14 +59,6 @@ class TextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"positional_embedding", "token_embedding.weight"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def set_attn_impl(self, impl: str) -> None:
-        check_attn_impl(impl)
-        for block in self.blocks:
-            block.attn.attn_impl = impl
 
     def _check_tokens(self, tokens_BL: torch.Tensor) -> None:
         if tokens_BL.dim() != 2:

@@ -19,12 +19,12 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from fastenc.models.layers.attention import check_attn_impl
-from fastenc.models.layers.block import Block, run_block
+from fastenc.models.layers.block import Block, BlockStack, run_block
 
 GLOBAL_POOLS = ("token", "avg")
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(BlockStack, nn.Module):
     """ViT with a CLS token and a learned absolute position embedding, resampled for any input size that is a
     multiple of `patch_size`."""
 
@@ -77,15 +77,6 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def set_attn_impl(self, impl: str) -> None:
-        """Switch the attention backend of every block ("auto", "flash", "sdpa", "math")."""
-        check_attn_impl(impl)
-        for block in self.blocks:
-            block.attn.attn_impl = impl
 
     def _check_input(self, x_BCHW: torch.Tensor) -> None:
         if x_BCHW.dim() != 4 or x_BCHW.shape[1] != self.patch_embed.proj.in_channels:

@@ -12,7 +12,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastenc.models.layers.attention import Attention
+from fastenc.models.layers.attention import Attention, check_attn_impl
 
 
 class Block(nn.Module):
@@ -57,3 +57,18 @@ def compile_blocks(root: nn.Module, **compile_kwargs) -> int:
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
+
+
+class BlockStack:
+    """The switches of a tower built from a stack of `Block`s (`self.blocks`): the ViT and the text tower."""
+
+    grad_checkpointing: bool
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch the attention backend of every block ("auto", "flash", "sdpa", "math")."""
+        check_attn_impl(impl)
+        for block in self.blocks:
+            block.attn.attn_impl = impl
