@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if args.conf_cmd == "diff":
-                from fastenc.study import diff_configs, format_diff, load_run_or_recipe
+                from fastenc.run.fingerprint import diff_configs, format_diff
+                from fastenc.run.layout import load_config_or_run as load_run_or_recipe
 
                 d = diff_configs(load_run_or_recipe(args.a), load_run_or_recipe(args.b))
                 print(format_diff(d, args.a, args.b))

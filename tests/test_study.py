@@ -7,7 +7,9 @@ import pytest
 
 from fastenc.cli import main
 from fastenc.config import ConfigError, config_to_yaml, load_config
-from fastenc.study import diff_configs, fingerprint, load_study
+from fastenc.data.shards import expand_shards
+from fastenc.run.fingerprint import diff_configs, fingerprint
+from fastenc.study import load_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = os.path.join(ROOT, "configs", "cpu")
@@ -102,7 +104,7 @@ def _fake_run(out_dir, recipe, shards, overrides=(), shard_listing=None):
     os.makedirs(run)
     with open(os.path.join(run, "config.yaml"), "w") as f:
         f.write(config_to_yaml(cfg))
-    fp = fingerprint(cfg, with_shards=True)
+    fp = fingerprint(cfg, shards=expand_shards(cfg.data.train_shards, check=False))
     if shard_listing is not None:
         fp["hash"] = "0" * 16
         fp["keys"]["data.shard_listing"] = shard_listing
