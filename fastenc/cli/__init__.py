@@ -348,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "study":
         from fastenc.config import ConfigError
-        from fastenc.study import run_study_command
+        from fastenc.cli.study import study_command
 
         try:
-            return run_study_command(args)
+            return study_command(args)
         except ConfigError as e:
             print(f"fastenc: config error: {e}", file=sys.stderr)
             return 2
