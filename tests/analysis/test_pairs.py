@@ -406,7 +406,7 @@ def test_quantile_thresholds_resolve_from_the_pairs_cosines_then_select_like_abs
     """Quantile cuts are each encoder's own cosine quantiles; the scan then selects exactly as with those absolute
     cuts (checked against brute force). Exhaustive with few pairs: quantiles of all pairs; sampled: of an even
     stride through the (sorted) sample, at most QUANTILE_PAIRS of them; exhaustive with many: a seeded sample."""
-    import fastenc.analysis.pairs as P
+    import fastenc.analysis.pairs.scan as P  # resolve_quantiles reads QUANTILE_PAIRS there
 
     fa, fb = grid_data
     n = fa.shape[0]
