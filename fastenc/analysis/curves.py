@@ -61,12 +61,15 @@ def plot_attribute_accuracy(tables: dict[str, dict[str, dict[str, float]]], out_
 
 
 def save_figure(fig, out_png: str) -> str:
-    """tight_layout, write to a temporary file, close the figure, rename into place (never a half-written PNG)."""
+    """tight_layout, write the PNG atomically (fastenc.utils.atomic: never a half-written file), close the figure."""
     import matplotlib.pyplot as plt
 
+    from fastenc.utils import atomic
+
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with atomic.atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png")  # PNG whatever out_png's extension, as before
+    finally:
+        plt.close(fig)
     return out_png
