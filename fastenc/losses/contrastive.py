@@ -49,7 +49,7 @@ def clip_loss(
     text_features: torch.Tensor,
     logit_scale,
     *,
-    impl: str = "reference",
+    impl: str = "auto",
     distributed: bool = False,
     group=None,
 ) -> torch.Tensor:
@@ -58,9 +58,11 @@ def clip_loss(
     With I, T the [B, D] L2-normalized image and text features and t = logit_scale (already exponentiated; a
     python number or a 0-dim tensor, which then receives a gradient):
         loss = (CE(t * I T^T, diag) + CE(t * T I^T, diag)) / 2,  CE = mean cross-entropy over rows,
-    the value of open_clip's ClipLoss. Returns an fp32 scalar. `impl`: "reference" (B x N logits), "chunked"
-    (pure torch, rows in chunks, tiles recomputed in backward), "native" (CPU extension), "triton" (CUDA) or
-    "auto" (the fastest one for the device; fastenc.losses.dispatch). Only "reference" keeps a B x N tensor.
+    the value of open_clip's ClipLoss. Returns an fp32 scalar. `impl`: "auto" (the default: the fastest one that is
+    installed and runs on the features' device, i.e. "native" on CPU, "reference" where fastenc._C is not built,
+    "triton" on CUDA; fastenc.losses.dispatch), "reference" (B x N logits, the plain formula), "chunked" (pure
+    torch, rows in chunks, tiles recomputed in backward), "native" (CPU extension) or "triton" (CUDA). Only
+    "reference" keeps a B x N tensor; every implementation computes the reference's value and gradients.
 
     distributed=True (open_clip's local_loss=True, gather_with_grad=True): each of the W ranks passes its local
     [B, D] features; I_all, T_all [N, D] are all ranks' features gathered with gradient, and rank r returns

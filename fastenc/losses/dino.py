@@ -97,15 +97,17 @@ _DINO_IMPLS = {
 
 def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
               student_temp: float = 0.1, teacher_temp: float = 0.04, num_global_crops: int = 2, *,
-              impl: str = "reference") -> torch.Tensor:
+              impl: str = "auto") -> torch.Tensor:
     """DINO loss (Caron et al. 2021): cross-entropy between teacher and student views, averaged over view pairs.
 
     q_i = softmax((teacher_i - center) / teacher_temp) (no gradient), log p_v = log_softmax(student_v /
     student_temp); loss = mean over the pairs (teacher view i, student view v != i) of the batch mean of
     -sum_k q_ik log p_vk, i.e. G * (C - 1) terms (18 with 2 global + 8 local crops). Local crops may have been
     encoded at another resolution: only the head outputs [C * B, K] matter here. Returns an fp32 scalar.
-    `impl`: "reference" (one log_softmax per crop: [C * B, K] fp32 kept for backward), "chunked" (batch rows in
-    chunks), "native" (CPU extension, streamed over K), "triton" (CUDA) or "auto" (the fastest one for the device).
+    `impl`: "auto" (the default: the fastest one that is installed and runs on the outputs' device, i.e. "native"
+    on CPU, "reference" where fastenc._C is not built, "triton" on CUDA; fastenc.losses.dispatch), "reference" (one
+    log_softmax per crop: [C * B, K] fp32 kept for backward), "chunked" (batch rows in chunks), "native" (CPU
+    extension, streamed over K) or "triton" (CUDA); all compute the value and gradients of `dino_loss_ref`.
     The fused kernels can also return the teacher's batch sum (`return_teacher_sum=True` of dino_loss_native /
     dino_loss_triton); the DINO objective computes that sum before the student's forward instead, so that the
     center's all-reduce overlaps the student's compute.

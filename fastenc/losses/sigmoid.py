@@ -51,7 +51,7 @@ def siglip_loss(
     logit_scale,
     logit_bias,
     *,
-    impl: str = "reference",
+    impl: str = "auto",
     distributed: bool = False,
     group=None,
 ) -> torch.Tensor:
@@ -60,10 +60,11 @@ def siglip_loss(
     With I, T the [B, D] L2-normalized features, t = logit_scale (exponentiated) and b = logit_bias (python
     numbers or 0-dim tensors, which then receive gradients):
         z = t * I T^T + b,  label_ij = +1 if i == j else -1,  loss = -sum_ij log sigmoid(label_ij * z_ij) / B,
-    the value of open_clip's SigLipLoss. Returns an fp32 scalar. `impl`: "reference" (B x B logits per block),
-    "chunked" (pure torch, rows in chunks, tiles recomputed in backward), "native" (CPU extension), "triton"
-    (CUDA) or "auto" (the fastest one for the device; fastenc.losses.dispatch). Only "reference" keeps a B x B
-    tensor.
+    the value of open_clip's SigLipLoss. Returns an fp32 scalar. `impl`: "auto" (the default: the fastest one that
+    is installed and runs on the features' device, i.e. "native" on CPU, "reference" where fastenc._C is not built,
+    "triton" on CUDA; fastenc.losses.dispatch), "reference" (B x B logits per block, the plain formula), "chunked"
+    (pure torch, rows in chunks, tiles recomputed in backward), "native" (CPU extension) or "triton" (CUDA). Only
+    "reference" keeps a B x B tensor; every implementation computes the reference's value and gradients.
 
     distributed=True: text features travel around a ring (open_clip's dist_impl="shift", mirrored; W-1 steps;
     its "bidir" variant halves the number of latency-bound steps, worth it only for large W). Rank r first scores

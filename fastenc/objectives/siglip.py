@@ -26,6 +26,5 @@ class SigLIPObjective(ImageTextObjective):
 
     def contrastive_loss(self, img_BE, txt_BE, scale, distributed):
         # Text features travel around the ring of ranks; each rank scores its images against all of them.
-        return siglip_loss(
-            img_BE, txt_BE, scale, self.logit_bias.float().squeeze(0), impl=self.cfg.objective.loss_impl, distributed=distributed
-        )
+        bias = self.logit_bias.float().squeeze(0)
+        return siglip_loss(img_BE, txt_BE, scale, bias, impl=self.cfg.objective.loss_impl, distributed=distributed)
