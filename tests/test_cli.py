@@ -44,3 +44,25 @@ def test_train_config_error_exit_code(capsys):
 def test_unknown_subcommand():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_every_command_has_help(capsys):
+    from fastenc.cli import COMMANDS
+
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([*cmd.name.split(), "--help"])
+        assert e.value.code == 0, cmd.name
+        assert f"usage: fastenc {cmd.name}" in capsys.readouterr().out
+
+
+def test_eval_suite_is_the_default_eval_subcommand():
+    from fastenc.cli import build_parser
+    from fastenc.cli.evaluate import run_eval_suite, run_knn
+
+    parser = build_parser()
+    plain = parser.parse_args(["eval", "runs/a", "init:runs/a", "--suite", "eval_synth", "--out", "o"])
+    named = parser.parse_args(["eval", "suite", "runs/a", "init:runs/a", "--suite", "eval_synth", "--out", "o"])
+    assert plain.run is named.run is run_eval_suite and plain.runs == named.runs == ["runs/a", "init:runs/a"]
+    knn = parser.parse_args(["eval", "knn", "--encoder", "e", "--train-shards", "t", "--val-shards", "v"])
+    assert knn.run is run_knn and knn.encoder == "e"

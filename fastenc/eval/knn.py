@@ -14,7 +14,6 @@ import json
 import torch
 
 from fastenc.data.transforms import CorruptSample, decode_image, image_transform, locate_image
-from fastenc.run.weights import load_exported_encoder
 
 
 class LabelledImage:
@@ -94,21 +93,3 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, **kw) -> fl
         raise ValueError("no test samples to score")
     return float((knn_classify(train_feats, train_labels, test_feats, **kw) == test_labels.cpu()).float().mean())
 
-
-def run_knn_command(args) -> int:
-    encoder = load_exported_encoder(args.encoder, args.model)
-    tr_f, tr_y = extract_features(encoder, args.train_shards, args.label, max_samples=args.max_train,
-                                  progress="features (train)")
-    va_f, va_y = extract_features(encoder, args.val_shards, args.label, max_samples=args.max_val,
-                                  progress="features (val)")
-    # -1 = attribute absent (e.g. no word in the image): those samples have no class to predict or vote for
-    (tr_f, tr_y), (va_f, va_y) = ((f[y >= 0], y[y >= 0]) for f, y in ((tr_f, tr_y), (va_f, va_y)))
-    if not len(tr_y) or not len(va_y):
-        raise SystemExit(f"fastenc eval knn: no samples with a {args.label!r} label (>= 0) in the "
-                         f"{'train' if not len(tr_y) else 'val'} shards")
-    acc = knn_accuracy(tr_f, tr_y, va_f, va_y, k=args.k, temperature=args.temperature,
-                       num_classes=int(max(tr_y.max(), va_y.max())) + 1)
-    chance = float(torch.bincount(va_y).max()) / len(va_y)
-    print(f"knn {args.label}: top-1 {acc:.4f} (k={args.k}, T={args.temperature}; {len(tr_y)} train / {len(va_y)} "
-          f"val; majority-class baseline {chance:.4f})")
-    return 0

@@ -1,0 +1,98 @@
+"""`fastenc eval [suite] RUN_DIR... --suite SUITE --out DIR`, `fastenc eval knn ...` and `fastenc plot ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_eval_suite_args(p: argparse.ArgumentParser) -> None:
+    """The eval suite's arguments (also launch/evaluate.py's)."""
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs (or encoder .safetensors files) to evaluate")
+    p.add_argument("--suite", required=True,
+                   help="suite YAML, or a name under configs/cpu or configs/paper (eval_synth, eval_imagenet)")
+    p.add_argument("--out", required=True, help="output dir: report.md, results.json, PNGs")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
+    p.add_argument("--device", default=None,  # resolved when the suite runs: asking torch takes seconds
+                   help="where the encoders run (default: cuda when available, else cpu)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes for feature extraction (default 0: "
+                   "in this process, right for the toy suite; ImageNet wants about one per core)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder call during extraction")
+    p.add_argument("--model", default=None, help="ViT preset of bare .safetensors sources that fastenc did not export "
+                   "(timm checkpoints, e.g. vit_base_patch16_224; a classifier head is dropped)")
+
+
+def run_eval_suite(args: argparse.Namespace) -> int:
+    """Every protocol of an eval suite on every run: report.md, results.json, PNGs; exit 2 on bad input."""
+    from fastenc.eval.features import EvalDataError
+    from fastenc.eval.suite import resolve_suite, run_suite
+    from fastenc.utils.optional import cuda_available
+
+    device = args.device or ("cuda" if cuda_available() else "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        results = run_suite(args.runs, resolve_suite(args.suite), args.out, cache_dir=args.cache_dir,
+                            device=device, command=getattr(args, "command", None), num_workers=args.workers,
+                            batch_size=args.batch_size, model=args.model)
+    except EvalDataError as e:
+        print(f"fastenc eval: {e}", file=sys.stderr)
+        return 2
+    print(f"fastenc eval: {len(results['runs'])} run(s), {len(results['protocols'])} protocol(s) -> "
+          f"{os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+def add_knn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True, help="an exported encoder (.safetensors file), or a run dir")
+    p.add_argument("--model", default=None, help="ViT preset (default: from the export's metadata)")
+    p.add_argument("--train-shards", required=True)
+    p.add_argument("--val-shards", required=True)
+    p.add_argument("--label", default="category_id", help="integer field of the samples' .json")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-val", type=int, default=None)
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    """Weighted k-NN top-1 accuracy of an exported encoder's features (fastenc.eval.knn), beside the majority-class
+    baseline; exit 1 when a split has no labelled sample."""
+    import torch
+
+    from fastenc.eval.knn import extract_features, knn_accuracy
+    from fastenc.run.weights import load_exported_encoder
+
+    encoder = load_exported_encoder(args.encoder, args.model)
+    tr_f, tr_y = extract_features(encoder, args.train_shards, args.label, max_samples=args.max_train,
+                                  progress="features (train)")
+    va_f, va_y = extract_features(encoder, args.val_shards, args.label, max_samples=args.max_val,
+                                  progress="features (val)")
+    # -1 = attribute absent (e.g. no word in the image): those samples have no class to predict or vote for
+    (tr_f, tr_y), (va_f, va_y) = ((f[y >= 0], y[y >= 0]) for f, y in ((tr_f, tr_y), (va_f, va_y)))
+    if not len(tr_y) or not len(va_y):
+        print(f"fastenc eval knn: no samples with a {args.label!r} label (>= 0) in the "
+              f"{'train' if not len(tr_y) else 'val'} shards", file=sys.stderr)
+        return 1
+    acc = knn_accuracy(tr_f, tr_y, va_f, va_y, k=args.k, temperature=args.temperature,
+                       num_classes=int(max(tr_y.max(), va_y.max())) + 1)
+    chance = float(torch.bincount(va_y).max()) / len(va_y)
+    print(f"knn {args.label}: top-1 {acc:.4f} (k={args.k}, T={args.temperature}; {len(tr_y)} train / {len(va_y)} "
+          f"val; majority-class baseline {chance:.4f})")
+    return 0
+
+
+def add_plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run dirs, or the metrics (.jsonl) files runs write")
+    p.add_argument("--out", required=True)
+    p.add_argument("--y", default="loss")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from fastenc.analysis.curves import plot_loss_curves
+    from fastenc.run.layout import RunDir
+
+    paths = [RunDir(r).metrics if os.path.isdir(r) else r for r in args.runs]
+    print(plot_loss_curves(paths, args.out, y=args.y))
+    return 0
