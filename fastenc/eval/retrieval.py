@@ -37,6 +37,23 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequen
     image i); with it, text_image_ids [M] gives the image row each text describes (several captions per image; every
     image needs at least one). tie_tol: scores this close to the true one count as ties (module docstring); 0 makes
     the comparison exact. ties: "pessimistic" | "expected" | "optimistic" (module docstring)."""
+    ks = _check_args(image_emb, text_emb, ks, ties, chunk)
+    dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
+    ids = _pair_ids(text_image_ids, len(image_emb), len(text_emb), image_emb.device)
+    if tie_tol is None:
+        tie_tol = 64 * torch.finfo(dtype).eps
+    elif tie_tol < 0:
+        raise ValueError(f"tie_tol must be >= 0 (got {tie_tol})")
+    img = F.normalize(image_emb.to(dtype), dim=-1)
+    txt = F.normalize(text_emb.to(device=image_emb.device, dtype=dtype), dim=-1)
+    if not (bool(torch.isfinite(img).all()) and bool(torch.isfinite(txt).all())):
+        raise ValueError("image_emb or text_emb has NaN/inf values")
+    counts = _competitor_counts(img, txt, ids, chunk, tie_tol, need_gt=ties != "pessimistic")
+    return _recalls(counts, ks, ties)
+
+
+def _check_args(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int], ties: str, chunk: int) -> list[int]:
+    """Validate shapes and options (ValueError naming the problem); return ks as a list of ints."""
     if image_emb.ndim != 2 or text_emb.ndim != 2:
         raise ValueError(f"image_emb and text_emb must be [N, E] and [M, E] (got {tuple(image_emb.shape)} and "
                          f"{tuple(text_emb.shape)})")
@@ -53,41 +70,40 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequen
         raise ValueError(f"ties must be 'pessimistic', 'expected' or 'optimistic' (got {ties!r})")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 (got {chunk})")
-    device = image_emb.device
-    dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
+    return ks
+
+
+def _pair_ids(text_image_ids: torch.Tensor | None, N: int, M: int, device: torch.device) -> torch.Tensor:
+    """The image row of each of the M texts, [M] long on `device` (row to row without text_image_ids); checked."""
     if text_image_ids is None:
         if M != N:
             raise ValueError(f"{N} images but {M} texts: row-to-row pairing needs one text per image; pass "
                              "text_image_ids (the image row of each text) for several captions per image")
-        ids = torch.arange(N, device=device)
-    else:
-        ids = text_image_ids.to(device)
-        if ids.shape != (M,) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"text_image_ids must be [M={M}] integer image rows (got shape {tuple(ids.shape)}, "
-                             f"dtype {ids.dtype})")
-        ids = ids.long()
-        if int(ids.min()) < 0 or int(ids.max()) >= N:
-            raise ValueError(f"text_image_ids go from {int(ids.min())} to {int(ids.max())} but there are {N} images")
-        captions = torch.bincount(ids, minlength=N)
-        if bool((captions == 0).any()):
-            raise ValueError(f"{int((captions == 0).sum())} of {N} images have no text in text_image_ids (e.g. row "
-                             f"{int((captions == 0).nonzero()[0])}): every image needs a caption")
-    if tie_tol is None:
-        tie_tol = 64 * torch.finfo(dtype).eps
-    elif tie_tol < 0:
-        raise ValueError(f"tie_tol must be >= 0 (got {tie_tol})")
-    img = F.normalize(image_emb.to(dtype), dim=-1)
-    txt = F.normalize(text_emb.to(device=device, dtype=dtype), dim=-1)
-    if not (bool(torch.isfinite(img).all()) and bool(torch.isfinite(txt).all())):
-        raise ValueError("image_emb or text_emb has NaN/inf values")
+        return torch.arange(N, device=device)
+    ids = text_image_ids.to(device)
+    if ids.shape != (M,) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"text_image_ids must be [M={M}] integer image rows (got shape {tuple(ids.shape)}, "
+                         f"dtype {ids.dtype})")
+    ids = ids.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= N:
+        raise ValueError(f"text_image_ids go from {int(ids.min())} to {int(ids.max())} but there are {N} images")
+    captions = torch.bincount(ids, minlength=N)
+    if bool((captions == 0).any()):
+        raise ValueError(f"{int((captions == 0).sum())} of {N} images have no text in text_image_ids (e.g. row "
+                         f"{int((captions == 0).nonzero()[0])}): every image needs a caption")
+    return ids
 
+
+def _competitor_counts(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, chunk: int, tie_tol: float, *,
+                       need_gt: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"i2t": (ge_i, gt_i), "t2i": (ge_t, gt_t)}: per query, the non-matching candidates scoring >= the true match
+    (ties included) and > it (ties excluded; left zero unless need_gt), visiting [chunk, chunk] blocks."""
+    N, M, device, dtype = len(img), len(txt), img.device, img.dtype
     # score of each text with its own image, and each image's best caption score
     true_t = torch.cat([(txt[s:s + chunk] * img[ids[s:s + chunk]]).sum(-1) for s in range(0, M, chunk)])
     true_i = torch.full((N,), float("-inf"), dtype=dtype, device=device).scatter_reduce(0, ids, true_t, "amax")
-    # per query: non-matching candidates scoring >= the true match (ties included) and > it (ties excluded)
     ge_i, gt_i = torch.zeros(N, dtype=torch.long, device=device), torch.zeros(N, dtype=torch.long, device=device)
     ge_t, gt_t = torch.zeros(M, dtype=torch.long, device=device), torch.zeros(M, dtype=torch.long, device=device)
-    need_gt = ties != "pessimistic"
     for i0 in range(0, N, chunk):
         rows = torch.arange(i0, min(i0 + chunk, N), device=device)
         ti = true_i[i0:i0 + chunk, None]
@@ -100,8 +116,13 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequen
             if need_gt:
                 gt_i[i0:i0 + chunk] += ((s > ti + tie_tol) & other).sum(dim=1)
                 gt_t[t0:t0 + chunk] += ((s > tt + tie_tol) & other).sum(dim=0)
+    return {"i2t": (ge_i, gt_i), "t2i": (ge_t, gt_t)}
+
+
+def _recalls(counts: dict[str, tuple[torch.Tensor, torch.Tensor]], ks: list[int], ties: str) -> dict[str, float]:
+    """Recall@K per direction from the competitor counts, under the `ties` convention (module docstring)."""
     out = {}
-    for direction, ge, gt in (("i2t", ge_i, gt_i), ("t2i", ge_t, gt_t)):
+    for direction, (ge, gt) in counts.items():
         for k in ks:
             if ties == "pessimistic":
                 hit = (ge < k).double()
