@@ -146,7 +146,7 @@ def shard_dir(args) -> str:
 
 def _write_part(job):
     out_dir, n, image_size, seed = job
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
 
     write_synthetic_shards(out_dir, n, image_size=image_size, seed=seed, samples_per_shard=n, progress=False)
     return out_dir

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     import torch
 
     from fastenc.config import load_config
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
     from fastenc.run.metrics import read_metrics
     from fastenc.run.weights import load_exported_encoder
     from fastenc.objectives import build_objective

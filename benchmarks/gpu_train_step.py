@@ -266,7 +266,7 @@ def run_case(name: str, a, result_path: str) -> None:
 
 def prepare_data(a) -> None:
     """Synthetic JPEG shards at the recipe's image size and a BPE tokenizer on their captions (once)."""
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
     from fastenc.data.tokenizer import train_tokenizer
 
     if not os.path.exists(os.path.join(a.data_dir, "manifest.json")):

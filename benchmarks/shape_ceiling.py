@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     from fastenc.config import load_config
     from fastenc.data.loader import build_loader
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
     from fastenc.engine.distributed import DistInfo
     from fastenc.engine.schedules import warmup_cosine
     from fastenc.engine.trainer import prepare_data

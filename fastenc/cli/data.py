@@ -28,7 +28,7 @@ be read, 1 otherwise.
 INSPECT_HELP = ("Read the shards once and write DIR/inspect.json, DIR/contact_sheet.png (a seeded random sample of "
                 "images with captions) and DIR/caption_lengths.png. Exit 1 if a shard could not be read.")
 
-# Literal choices (= fastenc.data.ingest's): importing fastenc.data here would load torch for every command.
+# Literal choices (= fastenc.datatools.ingest's): importing it here would load torch for every command.
 CAPTION_SOURCES = ("auto", "file", "sidecar", "filename", "none")
 LABEL_MODES, FORMATS = ("auto", "folder", "none"), ("auto", "folder", "webdataset")
 
@@ -42,7 +42,7 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
 
     manifest = write_synthetic_shards(args.out, args.num_samples, image_size=args.image_size, seed=args.seed,
                                       samples_per_shard=args.samples_per_shard)
@@ -81,7 +81,8 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
 
 def run_ingest(args: argparse.Namespace) -> int:
     """Exit 0 when samples were written, 1 when none was usable, 2 on bad input."""
-    from fastenc.data.ingest import DataToolError, format_summary, ingest
+    from fastenc.datatools import DataToolError
+    from fastenc.datatools.ingest import format_summary, ingest
 
     try:
         manifest = ingest(args.src, args.out, captions_file=args.captions, path_column=args.path_column,
@@ -169,8 +170,8 @@ def add_inspect_args(p: argparse.ArgumentParser) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Exit 0 if every shard could be read, 1 otherwise, 2 on bad input."""
-    from fastenc.data.ingest import DataToolError
-    from fastenc.data.inspect import format_summary, inspect_shards
+    from fastenc.datatools import DataToolError
+    from fastenc.datatools.inspect import format_summary, inspect_shards
 
     try:
         result = inspect_shards(args.shards, args.out, num_samples=args.num_samples, seed=args.seed,

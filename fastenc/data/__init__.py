@@ -1,4 +1,6 @@
-"""Data: webdataset shards, synthetic study data, decoding/augmentation, tokenizer, and the torch loader.
+"""Data at train time: webdataset shards and their indexes, decoding/augmentation, tokenizer, the loaders.
+
+The offline tools that make and check shard sets (synth, ingest, inspect) are fastenc.datatools.
 
 Importing this package needs only torch, numpy and Pillow; webdataset, braceexpand, sentencepiece and
 torchvision are imported when a function needs them.
@@ -7,7 +9,6 @@ torchvision are imported when a function needs them.
 from fastenc.data.collate import CaptionCollate, stack_samples
 from fastenc.data.loader import build_loader
 from fastenc.data.shards import expand_shards
-from fastenc.data.synth import write_synthetic_shards
 from fastenc.data.tokenizer import Tokenizer, train_tokenizer
 from fastenc.data.transforms import (
     OPENAI_CLIP_MEAN,
@@ -33,5 +34,4 @@ __all__ = [
     "image_transform",
     "stack_samples",
     "train_tokenizer",
-    "write_synthetic_shards",
 ]

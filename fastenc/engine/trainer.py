@@ -116,7 +116,7 @@ def prepare_data(cfg: Config, dist: DistInfo) -> list[str]:
 
 def _synthesize_if_missing(cfg: Config) -> None:
     from fastenc.data.shards import expand_shards
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
 
     try:
         expand_shards(cfg.data.train_shards)

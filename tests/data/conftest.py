@@ -1,4 +1,4 @@
-"""Fixtures shared by the data tests: one small synthetic shard set and one tokenizer per session."""
+"""Fixtures shared by the data tests (and tests/datatools): one small synthetic shard set and one tokenizer."""
 
 import io
 import os
@@ -22,7 +22,7 @@ def write_tar(path, files):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
 
     out = tmp_path_factory.mktemp("synth")
     write_synthetic_shards(out, NUM_SYNTH, samples_per_shard=SYNTH_PER_SHARD, seed=0, progress=False)

@@ -23,7 +23,7 @@ from fastenc.data.index import build_index, ensure_indexes, read_report  # noqa:
 from fastenc.data.loader import build_loader  # noqa: E402
 from fastenc.data.shards import expand_shards  # noqa: E402
 from fastenc.data.spec import ImageNormalizer, ImageTextSpec, MultiCropSpec  # noqa: E402
-from fastenc.data.synth import write_synthetic_shards  # noqa: E402
+from fastenc.datatools.synth import write_synthetic_shards  # noqa: E402
 from fastenc.data.transforms import torch_sample_fn  # noqa: E402
 
 MEAN = np.array(S.OPENAI_CLIP_MEAN)[:, None, None]

@@ -7,7 +7,7 @@ from PIL import Image
 
 from fastenc.cli import main
 from fastenc.data.index import read_report
-from fastenc.data.synth import write_synthetic_shards
+from fastenc.datatools.synth import write_synthetic_shards
 
 from .conftest import write_tar
 

@@ -11,7 +11,7 @@ pytest.importorskip("webdataset")
 
 from fastenc.data.collate import CaptionCollate  # noqa: E402
 from fastenc.data.loader import build_loader  # noqa: E402
-from fastenc.data.synth import render_sample  # noqa: E402
+from fastenc.datatools.synth import render_sample  # noqa: E402
 from fastenc.data.tokenizer import Tokenizer  # noqa: E402
 from fastenc.data.transforms import CaptionSample, decode_caption, decode_image, image_transform  # noqa: E402
 

@@ -29,7 +29,7 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
     from fastenc.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("synth")

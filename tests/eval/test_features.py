@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastenc.data.synth import write_synthetic_shards
+from fastenc.datatools.synth import write_synthetic_shards
 from fastenc.eval.features import DatasetSpec, EvalDataError, FeatureSpec, cache_key, encoder_checkpoint, extract
 from fastenc.models import create_vit
 

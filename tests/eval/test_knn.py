@@ -54,7 +54,7 @@ def test_knn_accuracy_on_separable_clusters():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
 
     out = tmp_path_factory.mktemp("knn")
     write_synthetic_shards(str(out / "train"), 60, image_size=32, seed=0, samples_per_shard=30, progress=False)

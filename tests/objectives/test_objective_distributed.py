@@ -20,7 +20,7 @@ WORLD, B = 2, 3  # local batch of 3 (odd); global batch 6
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    from fastenc.data.synth import write_synthetic_shards
+    from fastenc.datatools.synth import write_synthetic_shards
     from fastenc.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tok")

@@ -22,8 +22,8 @@ import tarfile
 from collections import Counter
 
 from fastenc.data.index import index_path_for, iter_tar_samples, read_report, reason_kind, summarize
-from fastenc.data.ingest import DataToolError
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image
+from fastenc.datatools import DataToolError
 
 CELL = 128  # thumbnail side in the contact sheet, pixels
 _CAPTION_LINES = 3

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastenc.cli import main
 from fastenc.data.index import read_report, split_name
-from fastenc.data.ingest import DataToolError, ingest
+from fastenc.datatools.ingest import DataToolError, ingest
 
 from .conftest import write_tar
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fastenc.data.index import read_report
-from fastenc.data.synth import CATEGORIES, COLOR_NAMES, COLORS, STYLES, WORDS, render_sample, write_synthetic_shards
+from fastenc.datatools.synth import CATEGORIES, COLOR_NAMES, COLORS, STYLES, WORDS, render_sample, write_synthetic_shards
 from fastenc.data.transforms import decode_image
 
 from .conftest import NUM_SYNTH, SYNTH_PER_SHARD

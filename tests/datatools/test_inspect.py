@@ -8,7 +8,7 @@ from PIL import Image
 
 from fastenc.cli import main
 from fastenc.data.index import build_index
-from fastenc.data.inspect import _counter_stats, inspect_shards
+from fastenc.datatools.inspect import _counter_stats, inspect_shards
 
 from .conftest import write_tar
 

@@ -36,8 +36,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from fastenc.data.index import build_index, iter_tar_samples, reason_kind
-from fastenc.data.synth import _add_file, _write_atomic
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image
+from fastenc.datatools import DataToolError
+from fastenc.datatools.synth import _add_file, _write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ SOURCE_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 RESERVED_FIELDS = ("key", "source", "width", "height", "label", "label_id")
 """json fields ingest sets itself; a captions file's or sidecar's fields of the same name are overridden."""
-
-
-class DataToolError(Exception):
-    """A problem with the user's input or options; the message says what to fix (the CLI exits with 2)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
