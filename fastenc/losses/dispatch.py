@@ -3,7 +3,8 @@
 Each loss keeps a registry `{name: Impl}` ordered fastest first. `impl="auto"` (every loss's default) takes the
 first entry that is installed and runs on the inputs' device (and warns once if it had to skip a faster one that is
 not installed); an explicitly requested entry whose dependency is missing raises `MissingDependency`, and one that
-cannot run on the inputs' device raises a ValueError saying which devices it takes (ARCHITECTURE.md, principle 4).
+cannot run on the inputs' device raises a ValueError saying which devices it takes (fastenc/ARCHITECTURE.md,
+principle 4).
 
 Implementations (every one computes the reference's value and gradients; see tests/losses, tests/kernels):
 - "reference": the plain formula, B x N logits (the test oracle and benchmark baseline);

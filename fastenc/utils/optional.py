@@ -1,7 +1,8 @@
 """Optional dependencies: probe once, import lazily, explain what to install when something is missing.
 
-Policy (ARCHITECTURE.md, principle 4): a fast path chosen automatically that is unavailable falls back with one
-warning (`warn_once`); a fast path the user asked for explicitly raises `MissingDependency` with the install hint.
+Policy (fastenc/ARCHITECTURE.md, principle 4): a fast path chosen automatically that is unavailable falls back with
+one warning (`warn_once`); a fast path the user asked for explicitly raises `MissingDependency` with the install
+hint.
 """
 
 from __future__ import annotations
