@@ -27,6 +27,7 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image
+from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +190,14 @@ def build_index(shard: str, index_path: str | None = None, *, validate: bool = T
         else:
             raise CorruptSample(f"shard {shard} is not a readable tar ({type(e).__name__}: {e}); re-create it, or "
                                 "remove it from the shard list") from e
-    os.makedirs(os.path.dirname(os.path.abspath(index_path)), exist_ok=True)
-    _atomic_write(index_path, f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
-    _atomic_write(report_path_for(index_path), json.dumps(rep.to_json(), indent=1) + "\n")
+    _write_index(index_path, lines, rep)
     return rep
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _write_index(index_path: str, lines: list[str], rep: ShardIndex) -> None:
+    """The index (DALI's wds2idx format: a header, then one line per sample) and its report, each atomically."""
+    atomic.write_text(index_path, f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    atomic.write_json(report_path_for(index_path), rep.to_json())
 
 
 def read_report(shard: str, index_path: str | None = None) -> ShardIndex | None:
@@ -230,9 +228,7 @@ def _build_one(args):
         stat = os.stat(shard)
         rep = ShardIndex(shard=os.path.abspath(shard), index=os.path.abspath(index_path), shard_bytes=stat.st_size,
                          shard_mtime=stat.st_mtime, validated=validate, error=str(e))
-        os.makedirs(os.path.dirname(os.path.abspath(index_path)), exist_ok=True)
-        _atomic_write(index_path, f"{INDEX_VERSION} 0\n")
-        _atomic_write(report_path_for(index_path), json.dumps(rep.to_json(), indent=1) + "\n")
+        _write_index(index_path, [], rep)
         return rep, str(e)
 
 

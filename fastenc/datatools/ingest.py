@@ -18,13 +18,15 @@ whose image fails is skipped; a sample whose caption is missing or unusable is w
 objectives still use it) unless `require_captions`. Both are counted by reason in manifest.json, with the items
 listed (up to `max_listed` each). Output, all in DIR:
     shard-00000.tar ...           {key}.{image ext}, {key}.txt (stripped caption), {key}.json; keys are 9-digit
-                                  running numbers; each shard is written to a .tmp file and renamed when complete
+                                  running numbers; each shard streams into a hidden temporary file
+                                  (fastenc.utils.atomic) and is renamed when complete
     shard-00000.idx (+ .idx.json) DALI index and its report (fastenc.data.index), built right after each shard
     manifest.json                 written last: its absence marks an interrupted run
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -38,7 +40,8 @@ from dataclasses import dataclass, field
 from fastenc.data.index import build_index, iter_tar_samples, reason_kind
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image
 from fastenc.datatools import DataToolError
-from fastenc.datatools.synth import _add_file, _write_atomic
+from fastenc.datatools.synth import _add_file, remove_temp_files
+from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
 
@@ -204,22 +207,19 @@ def _json_bytes(meta: dict) -> bytes:
 
 
 class _ShardWriter:
-    """Writes samples into DIR/shard-NNNNN.tar (atomically, `per_shard` samples each) and indexes each shard."""
+    """Writes samples into DIR/shard-NNNNN.tar (`per_shard` samples each) and indexes each shard. A shard streams
+    into fastenc.utils.atomic's temporary file and is renamed into place when complete."""
 
     def __init__(self, out_dir: str, per_shard: int):
         self.out_dir, self.per_shard = out_dir, per_shard
         self.shards, self.reports = [], []
         self.num_samples = self.num_captioned = 0
-        self._tar = self._tmp = None
+        self._tar = self._open = None  # the shard being written, and what closes (or discards) it
         self._in_shard = 0
 
     def add(self, ext: str, image: bytes, caption: str | None, meta: dict, extra=()) -> str:
         if self._tar is None:
-            name = SHARD_NAME.format(len(self.shards))
-            self._tmp = os.path.join(self.out_dir, name + ".tmp")
-            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
-            self.shards.append(name)
-            self._in_shard = 0
+            self._start_shard()
         key = f"{self.num_samples:09d}"
         _add_file(self._tar, f"{key}.{ext}", image)
         if caption is not None:
@@ -235,24 +235,30 @@ class _ShardWriter:
             self._finish_shard()
         return key
 
+    def _start_shard(self) -> None:
+        name = SHARD_NAME.format(len(self.shards))
+        self._open = contextlib.ExitStack()
+        tmp = self._open.enter_context(atomic.atomic_path(os.path.join(self.out_dir, name)))
+        self._tar = self._open.enter_context(tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT))
+        self.shards.append(name)
+        self._in_shard = 0
+
     def _finish_shard(self) -> None:
-        self._tar.close()
-        path = os.path.join(self.out_dir, self.shards[-1])
-        os.replace(self._tmp, path)
-        self._tar = self._tmp = None
+        done, self._open, self._tar = self._open, None, None
+        done.close()  # the tar is closed, then fsynced and renamed to its final name
         # Every image was decoded on the way in: the index needs only the quick checks.
-        self.reports.append(build_index(path, assume_valid=True))
+        self.reports.append(build_index(os.path.join(self.out_dir, self.shards[-1]), assume_valid=True))
 
     def close(self) -> None:
         if self._tar is not None:
             self._finish_shard()
 
-    def abort(self) -> None:
+    def abort(self, error: BaseException) -> None:
+        """Discard the shard being written (its temporary file is removed), after `error`."""
         if self._tar is not None:
-            self._tar.close()
-            os.remove(self._tmp)
+            discard, self._open, self._tar = self._open, None, None
             self.shards.pop()
-            self._tar = self._tmp = None
+            discard.__exit__(type(error), error, error.__traceback__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,7 +606,8 @@ def _detect_format(src: str, fmt: str, out_real: str):
 def _prepare_output(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataToolError(f"--out {out_dir!r} exists and is not a folder")
-    existing = sorted(f for f in os.listdir(out_dir) if f.endswith(".tar")) if os.path.isdir(out_dir) else []
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    existing = sorted(f for f in names if f.endswith(".tar") and not atomic.is_temp_name(f))
     if existing and not overwrite:
         shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise DataToolError(f"{out_dir!r} already holds {len(existing)} shard(s) ({shown}); pass --overwrite to "
@@ -611,8 +618,195 @@ def _prepare_output(out_dir: str, overwrite: bool) -> None:
 def _clear_output(out_dir: str) -> None:
     """--overwrite: remove what a previous ingest (or any shard writer) left at the top of out_dir."""
     for f in os.listdir(out_dir):
-        if f == "manifest.json" or f.endswith((".tar", ".idx", ".idx.json", ".tar.tmp")):
+        if (f == "manifest.json" or f.endswith((".tar", ".idx", ".idx.json"))) and not atomic.is_temp_name(f):
             os.remove(os.path.join(out_dir, f))
+
+
+@dataclass
+class _Options:
+    """ingest's arguments; _check_options resolves captions_from ("file" when a captions file is given)."""
+
+    src: str
+    out_dir: str
+    captions_file: str | None
+    path_column: str
+    caption_column: str
+    captions_from: str
+    labels: str
+    fmt: str
+    require_captions: bool
+    samples_per_shard: int
+    workers: int
+    shuffle: bool
+    seed: int
+    overwrite: bool
+    progress: bool
+
+
+def _check_options(o: _Options) -> None:
+    """DataToolError, before anything is read or written, for options that contradict each other or the disk."""
+    if o.captions_from not in CAPTION_SOURCES:
+        raise DataToolError(f"captions_from must be one of {', '.join(CAPTION_SOURCES)}, got {o.captions_from!r}")
+    if o.labels not in LABEL_MODES or o.fmt not in FORMATS:
+        raise DataToolError(f"labels must be one of {LABEL_MODES} and format one of {FORMATS}")
+    if o.samples_per_shard < 1:
+        raise DataToolError(f"--samples-per-shard must be >= 1, got {o.samples_per_shard}")
+    if o.captions_file is not None:
+        if o.captions_from not in ("auto", "file"):
+            raise DataToolError(f"--captions FILE and --captions-from {o.captions_from} contradict each other; drop "
+                                "one")
+        o.captions_from = "file"
+        o.captions_file = os.fspath(o.captions_file)
+        if not os.path.isfile(o.captions_file):
+            raise DataToolError(f"captions file {o.captions_file!r} does not exist")
+    elif o.captions_from == "file":
+        raise DataToolError("--captions-from file needs --captions FILE (a CSV with a header, or JSONL)")
+    if o.captions_from == "none" and o.require_captions:
+        raise DataToolError("--require-captions with --captions-from none would skip every image")
+    if not os.path.exists(o.src):
+        raise DataToolError(f"SRC {o.src!r} does not exist")
+    src_real, out_real = os.path.realpath(o.src), os.path.realpath(o.out_dir)
+    if src_real == out_real or (os.path.isfile(o.src) and os.path.dirname(src_real) == out_real):
+        raise DataToolError(f"--out {o.out_dir!r} is SRC itself; write the shards to another folder")
+    _prepare_output(o.out_dir, o.overwrite)
+
+
+@dataclass
+class _Source:
+    """What ingest reads: the candidates in write order, and what manifest.json says about them."""
+
+    candidates: object
+    """Iterator of _Candidate."""
+    total: int | None
+    """How many candidates (None: unknown until read, for the progress bar)."""
+    manifest: dict
+    classes: list | None = None
+    table: _CaptionTable | None = None
+    other: Counter = field(default_factory=Counter)
+    """Extensions of the files in SRC that are not ingested."""
+
+
+def _open_source(o: _Options, skipped: Tally, notes: Tally) -> _Source:
+    """The candidates of SRC (a folder or webdataset shards); DataToolError when SRC cannot be ingested as asked.
+    Resolves o.captions_from ("auto" -> what the folder has)."""
+    fmt, tars = _detect_format(o.src, o.fmt, os.path.realpath(o.out_dir))
+    # "fastenc.data.ingest": the manifest format's name, as earlier versions wrote it (readers may check it)
+    manifest = {"generator": "fastenc.data.ingest", "version": MANIFEST_VERSION, "source": os.path.abspath(o.src),
+                "format": fmt}
+    source = _folder_source(o, manifest, notes) if fmt == "folder" else _webdataset_source(o, tars, manifest,
+                                                                                           skipped, notes)
+    if o.captions_from == "none":
+        source.candidates = (_drop_caption(c) for c in source.candidates)
+    return source
+
+
+def _folder_source(o: _Options, manifest: dict, notes: Tally) -> _Source:
+    src_real = os.path.realpath(o.src)
+    images, names_by_dir = _walk_folder(o.src, {os.path.realpath(o.out_dir)})
+    if not images:
+        raise DataToolError(f"{o.src!r} holds no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}, searched "
+                            "recursively) and no .tar shards")
+    if o.captions_from == "auto":
+        o.captions_from = "sidecar" if any(_sidecar(names_by_dir, r, ".txt") for r in images) else "none"
+    table = None
+    if o.captions_from == "file":
+        table = _CaptionTable(o.captions_file, o.src, o.path_column, o.caption_column)
+    classes = _class_labels(images, names_by_dir, o.labels)
+    exclude = set()
+    if o.captions_file is not None and os.path.realpath(o.captions_file).startswith(src_real + os.sep):
+        exclude.add(os.path.relpath(os.path.realpath(o.captions_file), src_real).replace(os.sep, "/"))
+    other = _other_files(images, names_by_dir, exclude)
+    if table is not None:
+        # Match every image before writing anything: a wrong --path-column should fail fast, not after hours.
+        if not any(table.matches(r) for r in images):
+            first = next(iter(table.by_rel), None)
+            raise DataToolError(f"no row of {table.name} names an image under {o.src!r} ({table.num_rows} rows; "
+                                f"first {o.path_column!r} value: {first!r}; first image: {images[0]!r}). "
+                                "--path-column values must be paths relative to SRC, or bare file names")
+    if o.shuffle:
+        random.Random(o.seed).shuffle(images)
+    candidates = _folder_candidates(o.src, images, names_by_dir, o.captions_from, table, classes, notes)
+    manifest.update(captions=o.captions_from, shuffled=o.shuffle, seed=o.seed if o.shuffle else None)
+    if table is not None:
+        manifest.update(captions_file=os.path.abspath(o.captions_file), path_column=o.path_column,
+                        caption_column=o.caption_column)
+    return _Source(candidates, len(images), manifest, classes, table, other)
+
+
+def _webdataset_source(o: _Options, tars: list[str], manifest: dict, skipped: Tally, notes: Tally) -> _Source:
+    if o.captions_from in ("file", "sidecar", "filename"):
+        raise DataToolError(f"--captions{'' if o.captions_from == 'file' else '-from ' + o.captions_from} applies to "
+                            "image folders; webdataset shards bring their own captions (.txt)")
+    manifest.update(captions="webdataset" if o.captions_from == "auto" else o.captions_from,
+                    source_shards=[os.path.relpath(t, o.src) if os.path.isdir(o.src) else os.path.basename(t)
+                                   for t in tars])
+    return _Source(_webdataset_candidates(o.src, tars, skipped, notes), None, manifest)
+
+
+def _write_samples(o: _Options, source: _Source, writer: _ShardWriter, skipped: Tally, no_caption: Tally) -> int:
+    """Validate every candidate and write the usable ones (with their caption, or without one unless
+    require_captions); returns how many candidates were read."""
+    from tqdm.auto import tqdm
+
+    num_inputs = 0
+    bar = tqdm(total=source.total, desc=f"ingest -> {o.out_dir}", unit="img", disable=not o.progress)
+    try:
+        for c, data, size, problem in _validated(source.candidates, o.workers):
+            num_inputs += 1
+            bar.update(1)
+            if problem:
+                skipped.add(c.source, problem)
+                continue
+            if c.caption is None and o.captions_from != "none":
+                reason = c.caption_problem or "missing caption"
+                if o.require_captions:
+                    skipped.add(c.source, f"{reason} (--require-captions)")
+                    continue
+                no_caption.add(c.source, reason)
+            meta = dict(c.meta)
+            meta["width"], meta["height"] = size
+            writer.add(c.ext, data, c.caption, meta, c.extra)
+        writer.close()
+    except BaseException as e:
+        writer.abort(e)
+        raise
+    finally:
+        bar.close()
+    return num_inputs
+
+
+def _finish_manifest(o: _Options, source: _Source, writer: _ShardWriter, num_inputs: int, skipped: Tally,
+                     no_caption: Tally, notes: Tally, max_listed: int) -> dict:
+    """manifest.json's content: the source's fields, then the counts, then the long lists."""
+    manifest, table = source.manifest, source.table
+    manifest.update({
+        "num_inputs": num_inputs,
+        "num_samples": writer.num_samples,
+        "num_captioned": writer.num_captioned,
+        "num_shards": len(writer.shards),
+        "samples_per_shard": o.samples_per_shard,
+        "total_bytes": sum(os.path.getsize(os.path.join(o.out_dir, s)) for s in writer.shards),
+        "require_captions": o.require_captions,
+        "num_skipped": skipped.total,
+        "skipped_reasons": dict(skipped.counts),
+        "num_no_caption": no_caption.total,
+        "no_caption_reasons": dict(no_caption.counts),
+    })
+    if source.classes is not None:
+        manifest.update(labels="folder", num_classes=len(source.classes), classes=source.classes)
+    if source.other:
+        manifest["ignored_files"] = dict(sorted(source.other.items()))
+    if table is not None:
+        manifest.update(caption_rows=table.num_rows, caption_rows_matched=table.num_matched,
+                        caption_rows_unmatched=len(table.by_rel) - table.num_matched,
+                        caption_rows_unmatched_examples=table.unmatched_examples(),
+                        caption_rows_duplicate=table.num_duplicate, caption_rows_without_path=table.empty_paths)
+    if notes.total:
+        manifest.update(num_metadata_problems=notes.total, metadata_problems=notes.items)
+    # The long lists last, so the summary fields above are what one sees first.
+    manifest.update(shards=writer.shards, lists_capped_at=max_listed, skipped=skipped.items,
+                    no_caption=no_caption.items)
+    return manifest
 
 
 def ingest(src, out_dir, *, captions_file=None, path_column: str = "file", caption_column: str = "caption",
@@ -626,139 +820,21 @@ def ingest(src, out_dir, *, captions_file=None, path_column: str = "file", capti
     sources keep their order. Raises DataToolError on unusable input or options (nothing is written then).
     Returns the manifest.
     """
-    src, out_dir = os.fspath(src), os.fspath(out_dir)
-    if captions_from not in CAPTION_SOURCES:
-        raise DataToolError(f"captions_from must be one of {', '.join(CAPTION_SOURCES)}, got {captions_from!r}")
-    if labels not in LABEL_MODES or fmt not in FORMATS:
-        raise DataToolError(f"labels must be one of {LABEL_MODES} and format one of {FORMATS}")
-    if samples_per_shard < 1:
-        raise DataToolError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if captions_file is not None:
-        if captions_from not in ("auto", "file"):
-            raise DataToolError(f"--captions FILE and --captions-from {captions_from} contradict each other; drop one")
-        captions_from = "file"
-        captions_file = os.fspath(captions_file)
-        if not os.path.isfile(captions_file):
-            raise DataToolError(f"captions file {captions_file!r} does not exist")
-    elif captions_from == "file":
-        raise DataToolError("--captions-from file needs --captions FILE (a CSV with a header, or JSONL)")
-    if captions_from == "none" and require_captions:
-        raise DataToolError("--require-captions with --captions-from none would skip every image")
-    if not os.path.exists(src):
-        raise DataToolError(f"SRC {src!r} does not exist")
-    src_real, out_real = os.path.realpath(src), os.path.realpath(out_dir)
-    if src_real == out_real or (os.path.isfile(src) and os.path.dirname(src_real) == out_real):
-        raise DataToolError(f"--out {out_dir!r} is SRC itself; write the shards to another folder")
-    _prepare_output(out_dir, overwrite)
-
+    o = _Options(os.fspath(src), os.fspath(out_dir), captions_file, path_column, caption_column, captions_from,
+                 labels, fmt, require_captions, samples_per_shard, workers, shuffle, seed, overwrite, progress)
+    _check_options(o)
     skipped, no_caption, notes = Tally(max_listed), Tally(max_listed), Tally(max_listed)
-    fmt, tars = _detect_format(src, fmt, out_real)
-    manifest = {"generator": "fastenc.data.ingest", "version": MANIFEST_VERSION, "source": os.path.abspath(src),
-                "format": fmt}
-    classes, table, other = None, None, Counter()
-    if fmt == "folder":
-        images, names_by_dir = _walk_folder(src, {out_real})
-        if not images:
-            raise DataToolError(f"{src!r} holds no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}, searched "
-                                "recursively) and no .tar shards")
-        if captions_from == "auto":
-            captions_from = "sidecar" if any(_sidecar(names_by_dir, r, ".txt") for r in images) else "none"
-        if captions_from == "file":
-            table = _CaptionTable(captions_file, src, path_column, caption_column)
-        classes = _class_labels(images, names_by_dir, labels)
-        exclude = set()
-        if captions_file is not None and os.path.realpath(captions_file).startswith(src_real + os.sep):
-            exclude.add(os.path.relpath(os.path.realpath(captions_file), src_real).replace(os.sep, "/"))
-        other = _other_files(images, names_by_dir, exclude)
-        if table is not None:
-            # Match every image before writing anything: a wrong --path-column should fail fast, not after hours.
-            if not any(table.matches(r) for r in images):
-                first = next(iter(table.by_rel), None)
-                raise DataToolError(f"no row of {table.name} names an image under {src!r} ({table.num_rows} rows; "
-                                    f"first {path_column!r} value: {first!r}; first image: {images[0]!r}). "
-                                    "--path-column values must be paths relative to SRC, or bare file names")
-        if shuffle:
-            random.Random(seed).shuffle(images)
-        total = len(images)
-        candidates = _folder_candidates(src, images, names_by_dir, captions_from, table, classes, notes)
-        manifest.update(captions=captions_from, shuffled=shuffle, seed=seed if shuffle else None)
-        if table is not None:
-            manifest.update(captions_file=os.path.abspath(captions_file), path_column=path_column,
-                            caption_column=caption_column)
-    else:
-        if captions_from in ("file", "sidecar", "filename"):
-            raise DataToolError(f"--captions{'' if captions_from == 'file' else '-from ' + captions_from} applies to "
-                                "image folders; webdataset shards bring their own captions (.txt)")
-        total = None
-        candidates = _webdataset_candidates(src, tars, skipped, notes)
-        manifest.update(captions="webdataset" if captions_from == "auto" else captions_from,
-                        source_shards=[os.path.relpath(t, src) if os.path.isdir(src) else os.path.basename(t)
-                                       for t in tars])
-    if captions_from == "none":
-        candidates = (_drop_caption(c) for c in candidates)
-
-    os.makedirs(out_dir, exist_ok=True)
+    source = _open_source(o, skipped, notes)
+    os.makedirs(o.out_dir, exist_ok=True)
+    remove_temp_files(o.out_dir)  # what a killed ingest left
     if overwrite:
-        _clear_output(out_dir)
-    writer = _ShardWriter(out_dir, samples_per_shard)
-    num_inputs = 0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=f"ingest -> {out_dir}", unit="img", disable=not progress)
-    try:
-        for c, data, size, problem in _validated(candidates, workers):
-            num_inputs += 1
-            bar.update(1)
-            if problem:
-                skipped.add(c.source, problem)
-                continue
-            if c.caption is None and captions_from != "none":
-                reason = c.caption_problem or "missing caption"
-                if require_captions:
-                    skipped.add(c.source, f"{reason} (--require-captions)")
-                    continue
-                no_caption.add(c.source, reason)
-            meta = dict(c.meta)
-            meta["width"], meta["height"] = size
-            writer.add(c.ext, data, c.caption, meta, c.extra)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-
-    manifest.update({
-        "num_inputs": num_inputs,
-        "num_samples": writer.num_samples,
-        "num_captioned": writer.num_captioned,
-        "num_shards": len(writer.shards),
-        "samples_per_shard": samples_per_shard,
-        "total_bytes": sum(os.path.getsize(os.path.join(out_dir, s)) for s in writer.shards),
-        "require_captions": require_captions,
-        "num_skipped": skipped.total,
-        "skipped_reasons": dict(skipped.counts),
-        "num_no_caption": no_caption.total,
-        "no_caption_reasons": dict(no_caption.counts),
-    })
-    if classes is not None:
-        manifest.update(labels="folder", num_classes=len(classes), classes=classes)
-    if other:
-        manifest["ignored_files"] = dict(sorted(other.items()))
-    if table is not None:
-        manifest.update(caption_rows=table.num_rows, caption_rows_matched=table.num_matched,
-                        caption_rows_unmatched=len(table.by_rel) - table.num_matched,
-                        caption_rows_unmatched_examples=table.unmatched_examples(),
-                        caption_rows_duplicate=table.num_duplicate, caption_rows_without_path=table.empty_paths)
-    if notes.total:
-        manifest.update(num_metadata_problems=notes.total, metadata_problems=notes.items)
-    # The long lists last, so the summary fields above are what one sees first.
-    manifest.update(shards=writer.shards, lists_capped_at=max_listed, skipped=skipped.items,
-                    no_caption=no_caption.items)
-    _write_atomic(os.path.join(out_dir, "manifest.json"),
-                  (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        _clear_output(o.out_dir)
+    writer = _ShardWriter(o.out_dir, samples_per_shard)
+    num_inputs = _write_samples(o, source, writer, skipped, no_caption)
+    manifest = _finish_manifest(o, source, writer, num_inputs, skipped, no_caption, notes, max_listed)
+    atomic.write_json(os.path.join(o.out_dir, "manifest.json"), manifest, ensure_ascii=False)
     log.info("ingested %d of %d samples from %s into %d shards in %s (%d skipped, %d without caption)",
-             writer.num_samples, num_inputs, src, len(writer.shards), out_dir, skipped.total, no_caption.total)
+             writer.num_samples, num_inputs, o.src, len(writer.shards), o.out_dir, skipped.total, no_caption.total)
     return manifest
 
 

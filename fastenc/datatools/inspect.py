@@ -24,6 +24,7 @@ from collections import Counter
 from fastenc.data.index import index_path_for, iter_tar_samples, read_report, reason_kind, summarize
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_caption, decode_image
 from fastenc.datatools import DataToolError
+from fastenc.utils import atomic
 
 CELL = 128  # thumbnail side in the contact sheet, pixels
 _CAPTION_LINES = 3
@@ -200,9 +201,8 @@ def contact_sheet(samples: list[dict], out_png: str, *, cell: int = CELL, column
             lines = _wrap(draw, lines[0], font, cell, _CAPTION_LINES)
         for j, text in enumerate(lines):
             draw.text((x, ty + (j + 1) * line_h), text, font=font, fill=color)
-    tmp = out_png + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, out_png)
+    with atomic.atomic_path(out_png) as tmp:
+        sheet.save(tmp, format="PNG")
     return {"image_sizes": sizes, "corrupt": corrupt}
 
 
@@ -232,16 +232,10 @@ def caption_histogram(words: Counter, out_png: str) -> str:
     return save_figure(fig, out_png)
 
 
-def inspect_shards(shards, out_dir, *, num_samples: int = 32, seed: int = 0, index_dir: str | None = None,
-                   progress: bool = True) -> dict:
-    """Scan `shards` (a spec for expand_shards) and write inspect.json, contact_sheet.png and caption_lengths.png
-    into `out_dir`; returns what inspect.json holds. A shard that cannot be read is reported, not fatal."""
-    from tqdm.auto import tqdm
-
+def _shard_paths(shards) -> list[str]:
+    """The local shard files of a shard spec; DataToolError when there are none or they are remote."""
     from fastenc.data.shards import expand_shards
 
-    if num_samples < 1:
-        raise DataToolError(f"--num-samples must be >= 1, got {num_samples}")
     try:
         paths = expand_shards(shards, check=False)
     except FileNotFoundError as e:
@@ -249,10 +243,14 @@ def inspect_shards(shards, out_dir, *, num_samples: int = 32, seed: int = 0, ind
     remote = [p for p in paths if "://" in p or p.startswith("pipe:")]
     if remote:
         raise DataToolError(f"inspect reads local shards only; got {remote[0]!r}")
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    return paths
 
-    scan, unreadable, total_bytes = _Scan(num_samples, seed), [], 0
+
+def _scan_shards(paths: list[str], scan: _Scan, progress: bool) -> tuple[list[dict], int]:
+    """One pass over every shard into `scan`: (unreadable shards with the reason, total bytes)."""
+    from tqdm.auto import tqdm
+
+    unreadable, total_bytes = [], 0
     bar = tqdm(paths, desc="inspect", unit="shard", disable=not progress)
     for p in bar:
         total_bytes += os.path.getsize(p)
@@ -264,14 +262,12 @@ def inspect_shards(shards, out_dir, *, num_samples: int = 32, seed: int = 0, ind
                                                      f"samples ({type(e).__name__}: {e})"})
         bar.set_postfix(samples=scan.num_samples)
     bar.close()
+    return unreadable, total_bytes
 
-    sampled = [s for s in scan.reservoir if s is not None]
-    files = {"contact_sheet": os.path.join(out_dir, "contact_sheet.png"),
-             "caption_lengths": os.path.join(out_dir, "caption_lengths.png"),
-             "inspect": os.path.join(out_dir, "inspect.json")}
-    sheet = contact_sheet(sampled, files["contact_sheet"])
-    caption_histogram(scan.words, files["caption_lengths"])
 
+def _index_summary(paths: list[str], index_dir: str | None) -> dict:
+    """What `fastenc data index` / ingest recorded in the current index reports: samples the loaders will leave
+    out, and why."""
     reports, stale = [], 0
     for p in paths:
         try:
@@ -283,11 +279,34 @@ def inspect_shards(shards, out_dir, *, num_samples: int = 32, seed: int = 0, ind
         else:
             reports.append(rep)
     index = {"shards_with_index": len(reports), "shards_without_current_index": stale}
-    if reports:  # what `fastenc data index` / ingest recorded: samples the loaders will leave out, and why
+    if reports:
         summ = summarize(reports)
         index.update({k: summ[k] for k in ("num_samples", "num_captioned", "num_excluded", "excluded_reasons",
                                            "num_no_caption", "no_caption_reasons", "num_empty_shards")})
         index["unreadable_shards"] = [{"shard": r.shard, "reason": r.error} for r in reports if r.error]
+    return index
+
+
+def inspect_shards(shards, out_dir, *, num_samples: int = 32, seed: int = 0, index_dir: str | None = None,
+                   progress: bool = True) -> dict:
+    """Scan `shards` (a spec for expand_shards) and write inspect.json, contact_sheet.png and caption_lengths.png
+    into `out_dir`; returns what inspect.json holds. A shard that cannot be read is reported, not fatal."""
+    if num_samples < 1:
+        raise DataToolError(f"--num-samples must be >= 1, got {num_samples}")
+    paths = _shard_paths(shards)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+    scan = _Scan(num_samples, seed)
+    unreadable, total_bytes = _scan_shards(paths, scan, progress)
+    sampled = [s for s in scan.reservoir if s is not None]
+    files = {"contact_sheet": os.path.join(out_dir, "contact_sheet.png"),
+             "caption_lengths": os.path.join(out_dir, "caption_lengths.png"),
+             "inspect": os.path.join(out_dir, "inspect.json")}
+    sheet = contact_sheet(sampled, files["contact_sheet"])
+    caption_histogram(scan.words, files["caption_lengths"])
+    index = _index_summary(paths, index_dir)
+
     widths = Counter(w for w, _ in sheet["image_sizes"])
     heights = Counter(h for _, h in sheet["image_sizes"])
     result = {
@@ -314,11 +333,7 @@ def inspect_shards(shards, out_dir, *, num_samples: int = 32, seed: int = 0, ind
         "index": index,
         "files": files,
     }
-    tmp = files["inspect"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, files["inspect"])
+    atomic.write_json(files["inspect"], result, ensure_ascii=False)
     return result
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from fastenc.data.index import build_index, index_path_for, report_path_for
+from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +216,15 @@ def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def remove_temp_files(out_dir: str) -> None:
+    """Delete the temporary files (fastenc.utils.atomic's, hidden) that a killed shard writer left in out_dir:
+    those of shards, their indexes and reports, and manifest.json; other hidden files stay."""
+    for f in os.listdir(out_dir):
+        if not atomic.is_temp_name(f):
+            continue
+        target = f[1:].rsplit(atomic.TMP_MARK, 1)[0].rsplit(".", 2)[0]  # .NAME.<pid>.<random>.tmp<ext> -> NAME
+        if target == "manifest.json" or target.endswith((".tar", ".idx", ".idx.json")):
+            os.remove(os.path.join(out_dir, f))
 
 
 def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, seed: int = 0,
@@ -228,8 +233,8 @@ def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, s
 
     Each shard gets its DALI index (shard-00000.idx and its .idx.json report, fastenc.data.index).
 
-    Each shard is written to a .tmp file and renamed when complete, and manifest.json is written last, so an
-    interrupted run never leaves a truncated shard under a final name. Returns the manifest.
+    Every file is written atomically (fastenc.utils.atomic), and manifest.json last, so an interrupted run never
+    leaves a truncated shard under a final name. Returns the manifest.
     """
     if num_samples <= 0 or samples_per_shard <= 0 or image_size < 16:
         raise ValueError(f"need num_samples > 0, samples_per_shard > 0 and image_size >= 16; got {num_samples}, "
@@ -241,6 +246,7 @@ def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, s
     num_shards = math.ceil(num_samples / samples_per_shard)
     shards = [f"shard-{s:05d}.tar" for s in range(num_shards)]
     _remove_stale_shards(out_dir, set(shards))
+    remove_temp_files(out_dir)
 
     try:
         from tqdm.auto import tqdm
@@ -259,18 +265,18 @@ def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, s
                 _add_file(tar, f"{key}.txt", attrs["caption"].encode("utf-8"))
                 _add_file(tar, f"{key}.json", json.dumps({"key": key, **attrs}).encode("utf-8"))
                 bar.update(1)
-        _write_atomic(os.path.join(out_dir, name), buf.getvalue())
+        atomic.write_bytes(os.path.join(out_dir, name), buf.getvalue())
         # The DALI index, next to the shard (the images were just encoded here: no need to decode them again).
         build_index(os.path.join(out_dir, name), assume_valid=True)
     bar.close()
 
-    manifest = {
+    manifest = {  # "fastenc.data.synth": the manifest format's name, as earlier versions wrote it
         "generator": "fastenc.data.synth", "version": 1,
         "num_samples": num_samples, "num_shards": num_shards, "samples_per_shard": samples_per_shard,
         "shards": shards, "image_size": image_size, "seed": seed,
         "categories": list(CATEGORIES), "colors": list(COLOR_NAMES), "styles": list(STYLES), "words": list(WORDS),
     }
-    _write_atomic(os.path.join(out_dir, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic.write_json(os.path.join(out_dir, "manifest.json"), manifest, indent=2)
     log.info("wrote %d samples in %d shards to %s", num_samples, num_shards, out_dir)
     return manifest
 

@@ -14,6 +14,7 @@ from PIL import Image
 from fastenc.cli import main
 from fastenc.data.index import read_report, split_name
 from fastenc.datatools.ingest import DataToolError, ingest
+from fastenc.utils.atomic import is_temp_name, temp_name
 
 from .conftest import write_tar
 
@@ -58,7 +59,7 @@ def check_output(out_dir, manifest):
     assert sum(r.num_samples for r in reports) == manifest["num_samples"]
     assert sum(r.num_captioned for r in reports) == manifest["num_captioned"]
     assert manifest["total_bytes"] == sum(os.path.getsize(out_dir / n) for n in manifest["shards"])
-    assert not [f for f in os.listdir(out_dir) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(out_dir) if is_temp_name(f)]
     for s in samples:
         meta = json.loads(s["json"])
         assert meta["key"] == s["__key__"]
@@ -336,6 +337,36 @@ def test_errors_say_what_to_fix(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.idx", "shard-00000.idx.json", "shard-00000.tar"]
     code, io_ = run(src, "--out", src)
     assert code == 2 and "SRC itself" in io_.err
+
+
+def test_an_interrupted_ingest_leaves_no_partial_shard(tmp_path, monkeypatch):
+    """A shard streams into an atomic temporary file: an error mid-shard removes it (the shards before it stay, and
+    manifest.json is not written); the temporary files a killed ingest left are removed by the next one."""
+    import fastenc.datatools.ingest as ingest_module
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_folder(src, [f"{i}.jpg" for i in range(5)])
+    calls, add_file = [], ingest_module._add_file
+
+    def failing_add_file(tar, name, data):
+        calls.append(name)
+        if len(calls) == 9:  # 2 members (image, json) per sample, 3 samples per shard: in the second shard
+            raise KeyboardInterrupt
+        add_file(tar, name, data)
+
+    monkeypatch.setattr(ingest_module, "_add_file", failing_add_file)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(src, out, samples_per_shard=3, captions_from="none", progress=False)
+    assert sorted(os.listdir(out)) == ["shard-00000.idx", "shard-00000.idx.json", "shard-00000.tar"]
+    monkeypatch.undo()
+
+    put(temp_name(str(out / "shard-00001.tar")), b"what a killed ingest left")
+    put(temp_name(str(out / "manifest.json")), b"{")
+    put(out / ".notes.tmp.txt", "someone else's hidden file")
+    m = ingest(src, out, samples_per_shard=3, captions_from="none", progress=False, overwrite=True)
+    assert m["num_samples"] == 5 and sorted(f for f in os.listdir(out) if f.startswith(".")) == [".notes.tmp.txt"]
+    os.remove(out / ".notes.tmp.txt")
+    check_output(out, m)
 
 
 def test_nothing_usable_exits_1(tmp_path, capsys):
