@@ -11,12 +11,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 setup: $(STAMP)
 
-# Everything pinned by .ci/constraints.txt (a full freeze of a working environment). fastenc itself is installed
-# editable without build isolation so its optional native build sees this torch instead of downloading another.
+# Everything pinned by .ci/constraints.txt (a full freeze of a working environment), the one place versions live:
+# the lines below name packages, -c picks their versions (setup.py reads its pins from the same file). fastenc itself
+# is installed editable without build isolation so its optional native build sees this torch instead of another.
 $(STAMP): setup.py .ci/constraints.txt $(wildcard csrc/*.cpp)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(PIP) install -q -c .ci/constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -c .ci/constraints.txt deepspeed timm transformers sentencepiece webdataset safetensors \
+	$(PIP) install -q -c .ci/constraints.txt torch torchvision
+	$(PIP) install -q -c .ci/constraints.txt deepspeed timm sentencepiece webdataset safetensors \
 	    pyyaml tqdm tensorboard matplotlib pillow numpy ninja pytest pytest-timeout open_clip_torch \
 	    nvidia-dali-cuda130 numba
 	@# The native extension is built in place first: setuptools >= 80 turns `pip install -e .` of a setup.py project

@@ -7,10 +7,14 @@ Build it in place, then install editable without build isolation (what `make set
     python setup.py build_ext --inplace && pip install --no-build-isolation --no-deps -e .
 The in-place build comes first because setuptools >= 80 turns the editable install of a setup.py project into an
 isolated PEP 660 build that cannot see the pinned torch (it would skip fastenc._C).
+
+Versions are pinned in one place, .ci/constraints.txt (a full freeze of a working environment): `make setup`
+installs every dependency with it as pip constraints, and the requirements below read their pins from it.
 """
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -18,18 +22,24 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-PINS = {
-    "torch": "torch==2.14.1",
-    "torchvision": "torchvision==0.29.1",
-    "deepspeed": "deepspeed==0.19.8",
-    "timm": "timm==1.0.31",
-    "transformers": "transformers==5.23.0",
-    "sentencepiece": "sentencepiece==0.2.3",
-    "webdataset": "webdataset==1.0.2",
-    "safetensors": "safetensors==0.8.0",
-    "dali": "nvidia-dali-cuda130==2.4.0",
-    "numba": "numba==0.68.1",
-}
+CONSTRAINTS = os.path.join(HERE, ".ci", "constraints.txt")
+
+
+def _read_pins(path: str) -> dict:
+    """{normalized name: "name==version"} of the constraints file: the one place fastenc's versions are pinned."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    return {re.sub(r"[-_.]+", "-", line.split("==", 1)[0].strip()).lower(): line for line in lines if "==" in line}
+
+
+_PINS = _read_pins(CONSTRAINTS)
+
+
+def pinned(name: str) -> str:
+    """`name` at the version .ci/constraints.txt pins (the bare name where the file is absent, e.g. in an sdist)."""
+    return _PINS.get(re.sub(r"[-_.]+", "-", name).lower(), name)
 
 
 class OptionalBuildExt(build_ext):
@@ -78,17 +88,18 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fastenc", "fastenc.*"]),
+    # Versions come from .ci/constraints.txt: pinned() here, and pip's -c for the rest under `make setup`.
     install_requires=[
-        PINS["torch"], PINS["torchvision"], PINS["timm"], PINS["safetensors"], PINS["webdataset"],
-        PINS["sentencepiece"], "pyyaml>=6", "numpy", "pillow", "tqdm",
+        pinned("torch"), pinned("torchvision"), pinned("timm"), pinned("safetensors"), pinned("webdataset"),
+        pinned("sentencepiece"), "pyyaml>=6", "numpy", "pillow", "tqdm",
     ],
     extras_require={
-        "train": [PINS["deepspeed"], PINS["transformers"], "tensorboard", "matplotlib"],
+        "train": [pinned("deepspeed"), "tensorboard", "matplotlib"],
         # DALI decoding/augmentation (data.backend=dali); numba runs its CPU multi-crop kernel.
-        "dali": [PINS["dali"], PINS["numba"]],
-        "dev": [PINS["deepspeed"], PINS["transformers"], "tensorboard", "matplotlib", "pytest==9.2.0",
-                "pytest-timeout==2.4.0", "open_clip_torch==3.3.0", PINS["dali"], PINS["numba"]],
-        "bench": ["open_clip_torch==3.3.0", "matplotlib"],
+        "dali": [pinned("nvidia-dali-cuda130"), pinned("numba")],
+        "dev": [pinned("deepspeed"), "tensorboard", "matplotlib", pinned("pytest"), pinned("pytest-timeout"),
+                pinned("open_clip_torch"), pinned("nvidia-dali-cuda130"), pinned("numba")],
+        "bench": [pinned("open_clip_torch"), "matplotlib"],
     },
     entry_points={"console_scripts": ["fastenc=fastenc.cli:main"]},
     ext_modules=ext_modules,
