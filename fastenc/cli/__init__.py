@@ -1,4 +1,4 @@
-"""The `fastenc` console command: argparse subcommands, and one table (COMMANDS) from command name to function.
+"""The `fastenc` console command: train, evaluate and compare vision encoders, and make their data.
 
     fastenc train --config configs/cpu/clip_tiny.yaml [--resume [RUN_DIR]] [section.key=value ...]
     fastenc data synth --out DIR --num-samples N [--image-size S] [--seed K]
@@ -40,6 +40,8 @@ class Command:
     description: str | None = None
 
 
+# The one table from command name to function: the parser is built from it (a two-word name is a subcommand of
+# the group in GROUPS), and a parsed command runs its function.
 COMMANDS = (
     Command("train", train.run_train, train.add_train_args, "train an encoder (single process; see "
             "launch/pretrain.py)"),
