@@ -110,8 +110,38 @@ def image_text_graph(encoded, spec: ImageTextSpec, device: str):
         img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
         return _to_chw(img)
     img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-    img = fn.resize(img, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
-    return _to_chw(img, crop=(size, size))
+    return _to_chw(_eval_resize_crop(img, size))
+
+
+def _eval_resize_crop(img, size: int):
+    """HWC image -> HWC [size, size]: torchvision's Resize(size) + CenterCrop(size), pixel for pixel.
+
+    Not DALI's resize_shorter + a centered crop: that keeps the exact aspect (a 451 x 300 image scales to 336.75 x
+    224 output pixels, rounded to 337, at scale 224/300 on both axes) and rounds the crop offset half up. torchvision
+    truncates the long side (int(224 * 451 / 300) = 336: that axis scales by 336/451) and places the crop at
+    int(round((new - size) / 2)), Python's round half to even. Off by a fraction of a pixel, sharp edges differ by
+    up to ~140 levels. Sizes come from the decoded image's run-time shape (host-side, both devices).
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    shape = img.shape()
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    # int(size * long / short) for the long side and size for the short one, in exact integer arithmetic.
+    new_h, new_w = (size * h) // short, (size * w) // short
+    img = fn.resize(img, resize_x=fn.cast(new_w, dtype=types.FLOAT), resize_y=fn.cast(new_h, dtype=types.FLOAT),
+                    interp_type=types.INTERP_CUBIC, antialias=True)
+    start = fn.cast(fn.stack(_center_offset(new_h - size), _center_offset(new_w - size)),
+                    dtype=types.INT32)
+    return fn.slice(img, start=start, shape=[size, size], axis_names="HW")
+
+
+def _center_offset(d):
+    """round(d / 2) for a non-negative integer DataNode d, ties to even as Python does: 56.5 -> 56, 57.5 -> 58."""
+    half = d // 2
+    return half + (d % 2) * (half % 2)
 
 
 _SOLARIZE_LUT = [k if k < 128 else 255 - k for k in range(256)]  # torchvision's RandomSolarize(threshold=128)
