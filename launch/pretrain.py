@@ -4,7 +4,7 @@
     python launch/pretrain.py --config configs/cpu/clip_tiny.yaml [overrides]
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/cpu/clip_tiny.yaml
     torchrun --nproc_per_node 2 launch/pretrain.py --config configs/cpu/clip_tiny.yaml
-    deepspeed --hostfile hostfile launch/pretrain.py ...           (multinode, see README)
+    deepspeed --hostfile hostfile launch/pretrain.py ...           (multinode, see launch/README.md)
     torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400 launch/pretrain.py ...
 """
 

@@ -15,7 +15,7 @@
     fastenc plot METRICS_OR_RUN_DIR ... --out loss.png
     fastenc objectives | fastenc models
 
-`train` runs in this process; for several ranks use a launcher on launch/pretrain.py (see README).
+`train` runs in this process; for several ranks use a launcher on launch/pretrain.py (see launch/README.md).
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class TorchStream:
 def build_train_stream(cfg, objective, shards: list[str], *, batch_size: int, dist, start_step: int = 0,
                        work_dir: str | None = None):
     """The training stream of `objective` over `shards` (cfg.data.train_shards expanded), for this rank. work_dir:
-    where the DALI backend keeps this rank's pipeline checkpoints (the run dir provides one per rank)."""
+    where the DALI backend keeps this rank's working files (the run dir provides one per rank)."""
     backend = resolve_backend(cfg.data.backend)
     collate = objective.collate_fn(train=True)
     if backend == "dali":

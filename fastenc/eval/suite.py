@@ -321,7 +321,7 @@ def run_loss_curves(runs, args, out_dir):
 
     paths = [(r.name, r.metrics_path) for r in runs if r.metrics_path]
     if not paths:
-        return {"skipped": "no run has metrics.jsonl"}
+        return {"skipped": "no run has training metrics"}
     png = plot_loss_curves([p for _, p in paths], os.path.join(out_dir, "loss_curves.png"),
                            labels=[n for n, _ in paths], x=args.get("x", "samples_seen"))
     return {"png": os.path.basename(png), "runs": [n for n, _ in paths]}

@@ -14,7 +14,8 @@ runner, evaluation and analysis read through it.
         export/encoder.safetensors    the vision encoder, timm parameter names, fp32 (fastenc.run.weights)
         export/objective.safetensors  every parameter of the objective (text tower, projections, ...), fp32
         export/README.txt             how to load the encoder
-        data/rank<N>/                 the DALI backend's pipeline state of rank N (exact resume)
+        data/rank<N>/                 rank N's working files of the DALI backend (its copy of an index without the
+                                      samples found corrupt while training)
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class RunDir:
     export_readme = property(lambda self: self._at(EXPORT, EXPORT_README))
 
     def data_work_dir(self, rank: int) -> str:
-        """Where the data backend of `rank` keeps its own state (DALI pipeline checkpoints)."""
+        """Where the data backend of `rank` keeps its working files (the DALI backend: index copies without the
+        corrupt samples it met)."""
         return self._at(DATA_STATE, f"rank{rank}")
 
     def is_run(self) -> bool:

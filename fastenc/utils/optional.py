@@ -14,7 +14,7 @@ import warnings
 
 _INSTALL_HINTS = {
     "flash_attn": "pip install flash-attn (needs a CUDA toolchain); or set model.attn_impl=sdpa",
-    "deepspeed": "pip install deepspeed==0.19.8 (or `make setup`)",
+    "deepspeed": "pip install deepspeed -c .ci/constraints.txt (or `make setup`)",
     "triton": "triton ships with the CUDA build of torch; or pick impl='reference'",
     "nvidia.dali": "pip install nvidia-dali-cuda130 numba (or `make setup`); or set data.backend=torch",
     "numba": "pip install numba (or `make setup`): DALI-cpu runs its multi-crop kernel with it; or data.backend=torch",

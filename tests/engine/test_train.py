@@ -24,7 +24,7 @@ def test_objective_trains_loss_decreases(objective, tiny_data, tmp_path):
     losses = np.array([r["loss"] for r in rows])
     assert len(rows) == 25 and np.all(np.isfinite(losses))
     assert losses[-5:].mean() < 0.8 * losses[:3].mean(), losses
-    # run dir contents promised by the README
+    # run dir contents promised by launch/README.md (fastenc.run.layout)
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "export/encoder.safetensors", "checkpoints/latest"):
         assert os.path.exists(os.path.join(res.run_dir, name)), name
     assert {"lr", "samples_per_s", "step_time", "data_wait", "num_skipped", "logit_scale"} <= set(rows[-1])
