@@ -98,7 +98,11 @@ def _to_chw(img, *, mirror=None, crop=None):
 
 
 def image_text_graph(encoded, spec: ImageTextSpec, device: str):
-    """Encoded image bytes -> uint8 [3, S, S]: open_clip's train or eval transform (normalized on the device)."""
+    """Encoded image bytes -> uint8 [3, S, S]: open_clip's train or eval transform (normalized on the device).
+
+    Every decoder here keeps the pixels as stored (adjust_orientation=False), as PIL does on the torch path (and in
+    open_clip): DALI would otherwise rotate JPEGs by their EXIF orientation and the backends would see different
+    images."""
     fn, types = _fn()
     decoder = "mixed" if device == "gpu" else "cpu"
     size = spec.image_size
@@ -106,10 +110,10 @@ def image_text_graph(encoded, spec: ImageTextSpec, device: str):
         # Decoding only the random crop's region (ROI decode) is what makes DALI's CLIP transform cheap.
         img = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                             random_area=list(spec.crop_scale), random_aspect_ratio=list(S.CROP_RATIO),
-                                            num_attempts=10)
+                                            num_attempts=10, adjust_orientation=False)
         img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
         return _to_chw(img)
-    img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
     return _to_chw(_eval_resize_crop(img, size))
 
 
@@ -231,7 +235,8 @@ def multicrop_graph(encoded, spec: MultiCropSpec, device: str, fused: bool | Non
     on the CPU (how tests check the GPU graph on machines without a GPU).
     """
     fn, types = _fn()
-    img = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    img = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                            adjust_orientation=False)
     if device == "cpu" if fused is None else fused:
         # Global crop 1: blur p 1.0, no solarize; the others: blur p 0.1, solarize p 0.2 (DINO's recipe).
         out_global = _cpu_crops(img, 1, spec.global_size, spec.global_scale, S.BLUR_P_GLOBAL1, 0.0, spec)

@@ -37,6 +37,7 @@ BUNDLED = {
     "page.png": (384, 191),  # grayscale, upsampled
 }
 PORTRAIT = {"chelsea_portrait": skimage.data.chelsea, "rocket_portrait": skimage.data.rocket}  # turned 90 degrees
+EXIF_ROTATED = "chelsea_exif6"  # a JPEG whose EXIF orientation (6: rotate 90) both backends must ignore alike
 SIZE = 224
 MEAN_LEVELS = 0.5  # mean |DALI - torch| per image, in uint8 levels
 OFF_LEVELS = 8  # a pixel differing by more than this is not resampling noise ...
@@ -55,6 +56,10 @@ def photos(tmp_path_factory):
         image = Image.fromarray(np.ascontiguousarray(np.rot90(load())))
         image.save(src / f"{name}.png")
         sizes[name] = image.size
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(skimage.data.chelsea()).save(src / f"{EXIF_ROTATED}.jpg", quality=95, exif=exif)
+    sizes[EXIF_ROTATED] = (451, 300)
     for name in sizes:
         (src / f"{name}.txt").write_text(name)
     out = tmp_path_factory.mktemp("photo_shards")
