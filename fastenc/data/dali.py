@@ -48,6 +48,7 @@ from fastenc.data import spec as S
 from fastenc.data.index import index_path_for, read_report, report_path_for
 from fastenc.data.spec import ImageTextSpec, MultiCropSpec
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_image
+from fastenc.utils import atomic
 from fastenc.utils.optional import is_available, require
 
 log = logging.getLogger(__name__)
@@ -627,8 +628,7 @@ class DaliLoader:
         keep = [ln for ln in lines if not any(part in names for part in ln.split()[3::4])]
         digest = hashlib.sha256(url.encode()).hexdigest()[:12]
         path = os.path.join(self._work_dir, f"rank{self.rank}-{digest}.idx")
-        with open(path, "w") as f:
-            f.write(f"v1.2 {len(keep)}\n" + "".join(ln + "\n" for ln in keep))
+        atomic.write_text(path, f"v1.2 {len(keep)}\n" + "".join(ln + "\n" for ln in keep), fsync=False)
         self._overrides[url] = path
 
 

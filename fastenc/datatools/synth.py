@@ -220,10 +220,8 @@ def remove_temp_files(out_dir: str) -> None:
     """Delete the temporary files (fastenc.utils.atomic's, hidden) that a killed shard writer left in out_dir:
     those of shards, their indexes and reports, and manifest.json; other hidden files stay."""
     for f in os.listdir(out_dir):
-        if not atomic.is_temp_name(f):
-            continue
-        target = f[1:].rsplit(atomic.TMP_MARK, 1)[0].rsplit(".", 2)[0]  # .NAME.<pid>.<random>.tmp<ext> -> NAME
-        if target == "manifest.json" or target.endswith((".tar", ".idx", ".idx.json")):
+        target = atomic.temp_target(f)
+        if target is not None and (target == "manifest.json" or target.endswith((".tar", ".idx", ".idx.json"))):
             os.remove(os.path.join(out_dir, f))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from typing import Iterator
 
@@ -29,10 +30,21 @@ def temp_name(path: str) -> str:
     return os.path.join(head, f".{tail}.{os.getpid()}.{secrets.token_hex(4)}{TMP_MARK}{ext}")
 
 
+_TEMP = re.compile(r"^\.(?P<target>.+)\.\d+\.[0-9a-f]{8}" + re.escape(TMP_MARK) + r"(?P<ext>\.[^.]*)?$")
+
+
+def temp_target(name: str) -> str | None:
+    """The name of the file a temp_name stands for (one a killed writer left behind), or None for any other
+    name."""
+    m = _TEMP.match(os.path.basename(name))
+    if m is None or os.path.splitext(m["target"])[1] != (m["ext"] or ""):
+        return None
+    return m["target"]
+
+
 def is_temp_name(name: str) -> bool:
-    """Whether a file name is one of temp_name's (left behind by a writer that was killed)."""
-    base = os.path.basename(name)
-    return base.startswith(".") and (TMP_MARK + os.path.splitext(base)[1]) in base
+    """Whether a file name is one of temp_name's."""
+    return temp_target(name) is not None
 
 
 def _fsync_dir(path: str) -> None:

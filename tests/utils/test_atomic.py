@@ -32,6 +32,11 @@ def test_temp_name_keeps_the_extension_and_is_recognised(tmp_path):
     assert tmp.endswith(".png") and os.path.basename(tmp).startswith(".")
     assert atomic.is_temp_name(tmp) and not atomic.is_temp_name(str(tmp_path / "plot.png"))
     assert atomic.temp_name(str(tmp_path / "plot.png")) != tmp  # concurrent writers never share one
+    assert atomic.temp_target(tmp) == "plot.png"
+    for name in ("shard-00001.tar", "manifest.json", "latest", "a.b.idx.json"):
+        assert atomic.temp_target(atomic.temp_name(str(tmp_path / name))) == name
+    for other in (".hidden", ".x.tar.123.tmp.tar", "x.tar", ".x.tar.1.0123abcd.tmp.png"):
+        assert atomic.temp_target(other) is None, other
 
 
 def test_writing_nothing_is_an_error(tmp_path):
