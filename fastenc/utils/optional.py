@@ -23,6 +23,7 @@ _INSTALL_HINTS = {
     "matplotlib": "pip install matplotlib (or `make setup`)",
     "open_clip": "pip install open_clip_torch (benchmark environment only)",
     "webdataset": "pip install webdataset (or `make setup`)",
+    "transformers": "pip install transformers -c .ci/constraints.txt (or `make setup`)",
     "fastenc._C": ("build fastenc's native extension (needs a C++ compiler): `python setup.py build_ext --inplace` "
                    "(or `make setup`); or pick impl='chunked'"),
 }
