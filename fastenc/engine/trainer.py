@@ -12,8 +12,9 @@ cadence), then export the encoder and plot the loss. The hot loop never syncs th
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -73,7 +74,7 @@ def train(cfg: Config, *, resume: str | None = None, local_rank: int | None = No
                            tensorboard=cfg.engine.tensorboard)
     logger.message(describe_run(cfg, dist, stream, run_dir))
     loop = TrainLoop(cfg, dist, engine, scheduler, stream, logger, run_dir)
-    loop.run(Position(**vars(start)), end_step, final_checkpoint=final_checkpoint)
+    loop.run(replace(start), end_step, final_checkpoint=final_checkpoint)
     logger.close()
     export_paths = export_weights(cfg, dist, engine, run_dir) if export and end_step > start.step else {}
     plot_path = plot_loss(cfg, run_dir) if plot and dist.is_main else None
@@ -325,8 +326,6 @@ def export_weights(cfg: Config, dist: DistInfo, engine, run_dir: RunDir) -> dict
 
 
 def plot_loss(cfg: Config, run_dir: RunDir) -> str | None:
-    import os
-
     from fastenc.analysis.curves import plot_loss_curves
 
     if not os.path.exists(run_dir.metrics):
