@@ -1,0 +1,72 @@
+"""A LLaVA-1.5-style vision-language model: a ViT's patch tokens, projected into a causal LM at `<image>` tokens.
+
+    images [B, 3, S, S] -> ViT block `feature_layer` (raw, un-normed output; -2: the penultimate block, as LLaVA-1.5)
+        -> patch tokens [B, P, D] (the CLS token dropped unless keep_cls) -> projector -> [B, P, H]
+    input_ids [B, L] with P consecutive `<image>` ids per image (fastenc.data.conversation.expand_image_tokens)
+        -> the LM's token embeddings, the image positions replaced by the projected patch tokens -> the LM
+
+Shapes: B batch, L sequence, P image tokens per image, D ViT width, H LM width. Any Hugging Face causal LM works
+(`get_input_embeddings()`, `inputs_embeds=`, `labels=`); which parts train is the objective's business (requires_grad
+and the optimizer's parameter groups), not this module's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PROJECTORS = ("mlp2x_gelu", "linear")
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """LLaVA-1.5's `mlp2x_gelu` (Linear -> GELU -> Linear) or LLaVA's original `linear`."""
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    raise ValueError(f"unknown projector {kind!r} (known: {', '.join(PROJECTORS)})")
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, vision: nn.Module, lm: nn.Module, image_token_id: int, *, projector: str = "mlp2x_gelu",
+                 feature_layer: int = -2, keep_cls: bool = False):
+        super().__init__()
+        self.vision, self.lm = vision, lm
+        self.image_token_id, self.feature_layer, self.keep_cls = int(image_token_id), int(feature_layer), keep_cls
+        self.projector = build_projector(projector, vision.embed_dim, lm.get_input_embeddings().embedding_dim)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """P: the tokens one image becomes (the patch grid, plus the CLS token with keep_cls)."""
+        grid_h, grid_w = self.vision.grid_size
+        return grid_h * grid_w + (self.vision.num_prefix_tokens if self.keep_cls else 0)
+
+    def image_tokens(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images -> their projected tokens [B, P, H]."""
+        x_BTD = self.vision.forward_intermediates(images_BCHW, [self.feature_layer])[0]
+        if not self.keep_cls:
+            x_BTD = x_BTD[:, self.vision.num_prefix_tokens:]
+        return self.projector(x_BTD)
+
+    def embed(self, input_ids_BL: torch.Tensor, images_BCHW: torch.Tensor | None) -> torch.Tensor:
+        """The LM's input embeddings [B, L, H], each row's `<image>` positions (exactly P, or none for a text-only
+        sample) filled with its image's projected tokens, in order."""
+        is_image_BL = input_ids_BL == self.image_token_id
+        embed = self.lm.get_input_embeddings()
+        x_BLH = embed(input_ids_BL.masked_fill(is_image_BL, 0))
+        per_row = is_image_BL.sum(dim=1)
+        has_image = per_row > 0
+        if not bool(has_image.any()):
+            return x_BLH
+        wrong = (per_row != 0) & (per_row != self.num_image_tokens)
+        if bool(wrong.any()) or images_BCHW is None:
+            raise ValueError(f"each sample needs exactly {self.num_image_tokens} <image> tokens or none (got "
+                             f"{per_row.tolist()}), and images for those that have them")
+        img_NPH = self.image_tokens(images_BCHW[has_image]).to(x_BLH.dtype)
+        return x_BLH.masked_scatter(is_image_BL.unsqueeze(-1), img_NPH)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's next-token loss over the supervised labels (fastenc.data.conversation.IGNORE elsewhere)."""
+        out = self.lm(inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask, labels=labels)
+        return out.loss
