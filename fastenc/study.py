@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import yaml
 
 from fastenc.config import Config, ConfigError, config_hash, load_config
+from fastenc.run.configs import read_config
 from fastenc.run.fingerprint import check_controlled, diff_configs
 from fastenc.run.layout import RunDir
 from fastenc.run.metrics import metrics_history
@@ -66,7 +67,7 @@ def run_state(cfg: Config) -> tuple[str, str]:
     if not os.path.exists(where):
         return "new", f"no run dir {where} yet"
     try:
-        recorded = run_dir.read_config()
+        recorded = read_config(run_dir)
     except ConfigError as e:
         return "other", f"{where} exists but is not a fastenc run dir of this study ({e}): move it away"
     if config_hash(recorded) != config_hash(cfg):
@@ -117,7 +118,7 @@ def recorded_runs(study: Study) -> list[RecordedRun]:
         run_dir = RunDir.of(cfg)
         if not run_dir.is_run():
             raise ConfigError(f"{run_dir.root} is not a run dir yet: run the study first (`fastenc study run`)")
-        out.append(RecordedRun(run_dir, run_dir.read_config(), run_dir.read_fingerprint(), last_metrics(run_dir)))
+        out.append(RecordedRun(run_dir, read_config(run_dir), run_dir.read_fingerprint(), last_metrics(run_dir)))
     return out
 
 

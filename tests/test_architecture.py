@@ -18,7 +18,7 @@ MAX_FUNCTION_LINES = 80
 # Bottom to top; a module may import from its own layer and the layers below it. fastenc/ARCHITECTURE.md says what
 # each layer owns.
 LAYERS = [
-    ("fastenc", "fastenc.errors", "fastenc.utils"),
+    ("fastenc", "fastenc.errors", "fastenc.utils", "fastenc.run.layout"),
     ("fastenc.models", "fastenc.losses", "fastenc.kernels"),
     ("fastenc.data",),
     ("fastenc.objectives",),

@@ -34,7 +34,7 @@ def run_diff(args: argparse.Namespace) -> int:
     """Print the differences; exit 0 if the pair is controlled (differs only in `objective:`), 1 if not, 2 on a
     config error."""
     from fastenc.run.fingerprint import diff_configs, format_diff
-    from fastenc.run.layout import load_config_or_run
+    from fastenc.run.configs import load_config_or_run
 
     try:
         d = diff_configs(load_config_or_run(args.a), load_config_or_run(args.b))

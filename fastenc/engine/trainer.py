@@ -24,6 +24,7 @@ from fastenc.engine.checkpoint import fp32_state_dict, load_checkpoint, load_dat
 from fastenc.engine.deepspeed_config import build_engine
 from fastenc.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from fastenc.engine.optim import clip_grad_per_param_
+from fastenc.run.configs import write_config
 from fastenc.run.fingerprint import fingerprint
 from fastenc.run.layout import RunDir
 from fastenc.run.metrics import MetricsLogger
@@ -93,7 +94,7 @@ def open_run_dir(cfg: Config, dist: DistInfo, resume: str | None) -> RunDir:
     Rank 0 records the config there; every rank gets the same run dir."""
     if dist.is_main:
         run_dir = (RunDir.of(cfg) if resume == "auto" else RunDir(resume)) if resume else RunDir.fresh(cfg)
-        run_dir.write_config(cfg)
+        write_config(run_dir, cfg)
     return broadcast_object(run_dir if dist.is_main else None)
 
 

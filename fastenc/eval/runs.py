@@ -112,7 +112,7 @@ def load_run(source: str, *, name: str | None = None, model: str | None = None) 
 
 def _recorded_config(path: str, hint: str = ""):
     from fastenc.config import ConfigError
-    from fastenc.run.layout import load_config_or_run
+    from fastenc.run.configs import load_config_or_run
 
     try:
         return load_config_or_run(path)

@@ -57,6 +57,43 @@ def create_vit(name: str, **overrides) -> VisionTransformer:
     return _build("ViT", _VIT_PRESETS, VisionTransformer, name, overrides)
 
 
+def load_vit(path: str, model: str | None = None) -> VisionTransformer:
+    """A ViT in eval mode from a timm-format .safetensors file (safe load: no pickle), built from the file's
+    metadata when fastenc exported it, or from preset `model` for any other timm ViT file (a classifier's `head.*`
+    is dropped)."""
+    from safetensors.torch import load_file
+
+    name, kwargs = _vit_from_metadata(path, model)
+    encoder = create_vit(name, **kwargs)
+    state = load_file(path)
+    if any(k.startswith("head.") for k in state) and not any(k.startswith("head.") for k in encoder.state_dict()):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a timm classifier: its trunk
+    encoder.load_state_dict(state, strict=True)
+    return encoder.eval()
+
+
+def _vit_from_metadata(path: str, model: str | None) -> tuple[str, dict]:
+    """The ViT preset and its kwargs from a fastenc export's metadata (or `model` for any timm-format file)."""
+    import yaml
+    from safetensors import safe_open
+
+    if model is not None:
+        return model, {}
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "model" not in meta:
+        raise ValueError(f"{path} has no 'model' metadata (it was not exported by fastenc): pass --model with its "
+                         "ViT preset, e.g. --model vit_base_patch16_224 (`fastenc models` lists them)")
+    kwargs = {}
+    if "fastenc_config" in meta:
+        mcfg = yaml.safe_load(meta["fastenc_config"]).get("model", {})
+        kwargs.update(mcfg.get("overrides") or {})
+        if mcfg.get("img_size"):
+            kwargs["img_size"] = mcfg["img_size"]
+        kwargs["global_pool"] = mcfg.get("global_pool", "token")
+    return meta["model"], kwargs
+
+
 def create_text_tower(name: str, *, vocab_size: int, output_dim: int, **overrides) -> TextTransformer:
     """Build a text tower preset. vocab_size (the tokenizer's) and output_dim (the shared embedding size) are
     always the caller's."""
@@ -65,4 +102,4 @@ def create_text_tower(name: str, *, vocab_size: int, output_dim: int, **override
 
 
 __all__ = ["TextTransformer", "VisionTransformer", "create_text_tower", "create_vit", "list_text_towers",
-           "list_vits"]
+           "list_vits", "load_vit"]

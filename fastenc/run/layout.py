@@ -1,7 +1,9 @@
 """The run directory: the contract between training, the study runner, evaluation and analysis.
 
 Every file name of a run dir is defined here and nowhere else; the trainer writes through `RunDir`, and the study
-runner, evaluation and analysis read through it.
+runner, evaluation and analysis read through it. This module needs nothing from fastenc but the atomic writer, so
+every layer may know where a run keeps its files (an objective that starts from another run's encoder, for one);
+reading and writing a run's config is fastenc.run.configs.
 
     runs/<name>/
         config.yaml                   the fully resolved config the run trained with
@@ -24,7 +26,6 @@ import json
 import os
 from dataclasses import dataclass
 
-from fastenc.config import Config, ConfigError, config_to_yaml, load_config
 from fastenc.utils import atomic
 
 CONFIG = "config.yaml"
@@ -48,12 +49,12 @@ class RunDir:
     root: str
 
     @classmethod
-    def of(cls, cfg: Config) -> "RunDir":
+    def of(cls, cfg) -> "RunDir":
         """Where `cfg` trains: run.output_dir/run.name."""
         return cls(os.path.join(cfg.run.output_dir, cfg.run.name))
 
     @classmethod
-    def fresh(cls, cfg: Config) -> "RunDir":
+    def fresh(cls, cfg) -> "RunDir":
         """A new run dir for `cfg`: output_dir/name, suffixed -2, -3 ... if that is taken."""
         base = cls.of(cfg).root
         path, i = base, 2
@@ -87,14 +88,6 @@ class RunDir:
     def is_exported(self) -> bool:
         return os.path.isfile(self.encoder)
 
-    def write_config(self, cfg: Config) -> None:
-        atomic.write_text(self.config, config_to_yaml(cfg))
-
-    def read_config(self, overrides=()) -> Config:
-        if not self.is_run():
-            raise ConfigError(f"{self.root} is a directory without {CONFIG}: not a fastenc run dir")
-        return load_config(self.config, list(overrides))
-
     def write_fingerprint(self, fingerprint: dict) -> None:
         atomic.write_json(self.fingerprint, fingerprint, default=str)
 
@@ -118,12 +111,3 @@ def latest_tag(ckpt_dir: str) -> str | None:
     with open(path) as f:
         tag = f.read().strip()
     return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
-
-
-def load_config_or_run(path: str, overrides=()) -> Config:
-    """A recipe YAML, or a run dir (its recorded config.yaml)."""
-    if os.path.isdir(path):
-        return RunDir(path).read_config(overrides)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such recipe file or run dir")
-    return load_config(path, list(overrides))

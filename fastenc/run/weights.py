@@ -68,41 +68,11 @@ def encoder_file(source: str) -> str:
     return source
 
 
-def _vit_kwargs(path: str, model: str | None) -> tuple[str, dict]:
-    """The ViT preset and its kwargs from a fastenc export's metadata (or `model` for any timm-format file)."""
-    import yaml
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    if model is not None:
-        return model, {}
-    if "model" not in meta:
-        raise ValueError(f"{path} has no 'model' metadata (it was not exported by fastenc): pass --model with its "
-                         "ViT preset, e.g. --model vit_base_patch16_224 (`fastenc models` lists them)")
-    kwargs = {}
-    if "fastenc_config" in meta:
-        mcfg = yaml.safe_load(meta["fastenc_config"]).get("model", {})
-        kwargs.update(mcfg.get("overrides") or {})
-        if mcfg.get("img_size"):
-            kwargs["img_size"] = mcfg["img_size"]
-        kwargs["global_pool"] = mcfg.get("global_pool", "token")
-    return meta["model"], kwargs
-
-
 def load_exported_encoder(source: str, model: str | None = None) -> torch.nn.Module:
-    """A ViT in eval mode from a run dir's export (or an encoder .safetensors), built from the export's metadata, or
-    from any timm-format ViT safetensors with `model` naming its preset (a classifier's `head.*` is dropped)."""
-    from fastenc.models import create_vit
+    """A ViT in eval mode from a run dir's export (or an encoder .safetensors): fastenc.models.load_vit."""
+    from fastenc.models import load_vit
 
-    path = encoder_file(source)
-    name, kwargs = _vit_kwargs(path, model)
-    encoder = create_vit(name, **kwargs)
-    state = load_encoder_state(path)
-    if any(k.startswith("head.") for k in state) and not any(k.startswith("head.") for k in encoder.state_dict()):
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a timm classifier: its trunk
-    encoder.load_state_dict(state, strict=True)
-    return encoder.eval()
+    return load_vit(encoder_file(source), model)
 
 
 def load_exported_objective(cfg, path: str) -> torch.nn.Module:
