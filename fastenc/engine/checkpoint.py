@@ -8,7 +8,7 @@ A checkpoint is written under a temporary tag and renamed into place only after 
 then `latest` is replaced atomically; a crash at any point leaves the previous checkpoint as `latest`.
 The checkpoint dir must be on a filesystem shared by all nodes (as DeepSpeed itself assumes). The temporary tag is
 a fixed name (`.tmp-stepNNNNNNNN`) rather than fastenc.utils.atomic's random one because every rank writes into the
-same directory; the files inside it (and `latest`) go through fastenc.utils.atomic.
+same directory; the files fastenc itself writes there (and `latest`) go through fastenc.utils.atomic.
 """
 
 from __future__ import annotations
