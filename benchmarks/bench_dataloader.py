@@ -24,7 +24,7 @@ worker processes, numba's compiled kernel and the allocator never carry over fro
   `dali-gpu` (--device gpu) = DaliLoader(device="gpu"): nvJPEG "mixed" decoding and GPU augmentation, batches
   arrive as CUDA tensors. With --device gpu the torch and open_clip batches are copied to the GPU too
   (non_blocking; build_loader pins memory when CUDA is present), and CUDA is synchronized before every clock read.
-- shards: 4000 synthetic 448 px JPEGs (fastenc.data.synth, quality 90, ~18 KB each) with their captions, 500 per
+- shards: 4000 synthetic 448 px JPEGs (fastenc.datatools.synth, quality 90, ~18 KB each) with their captions, 500 per
   shard, generated once under --data-dir (one folder per shard, seeded by its number, written in parallel; ~1 min
   on 2 cores) and DALI-indexed. All backends read the same files, shards drawn with replacement (resampled), a
   shuffle buffer of --shuffle-buffer samples for the fastenc backends (open_clip keeps its own: 5000, 1000

@@ -6,7 +6,7 @@ one encoder and far under the other. "CLIP-high" pairs have cosine > 0.7 under C
 "DINO-high" pairs > 0.8 under DINO and < 0.5 under CLIP (a strict variant: 0.9 / 0.5 and 0.95 / 0.2); about 100
 of each kind are inspected by eye. The paper finds CLIP pairs sharing object category and written text, DINO
 pairs sharing color and visual style. On fastenc's synthetic data every image has known attributes (category,
-color, style, word; fastenc.data.synth), so the same inspection becomes a number: the fraction of pairs of each
+color, style, word; fastenc.datatools.synth), so the same inspection becomes a number: the fraction of pairs of each
 kind whose two images share each attribute, against the fraction among all sampled pairs.
 
 Encoders are "A" and "B" throughout (A = CLIP, B = DINO in the paper, whose thresholds are the defaults):
