@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from fastenc.utils.atomic import save_figure
 from fastenc.utils.optional import require
 
 
@@ -58,18 +59,3 @@ def plot_attribute_accuracy(tables: dict[str, dict[str, dict[str, float]]], out_
     for ax in axes[0]:
         ax.legend(fontsize=7, loc="upper center", ncol=4, frameon=False)
     return save_figure(fig, out_png)
-
-
-def save_figure(fig, out_png: str) -> str:
-    """tight_layout, write the PNG atomically (fastenc.utils.atomic: never a half-written file), close the figure."""
-    import matplotlib.pyplot as plt
-
-    from fastenc.utils import atomic
-
-    fig.tight_layout()
-    try:
-        with atomic.atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png")  # PNG whatever out_png's extension, as before
-    finally:
-        plt.close(fig)
-    return out_png

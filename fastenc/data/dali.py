@@ -49,17 +49,13 @@ from fastenc.data.index import index_path_for, read_report, report_path_for
 from fastenc.data.spec import ImageTextSpec, MultiCropSpec
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_image
 from fastenc.utils import atomic
-from fastenc.utils.optional import is_available, require
+from fastenc.utils.optional import require
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXT = ";".join(IMAGE_EXTENSIONS)  # fn.readers.webdataset: the first extension present is the image
 READER = "reader"
 _NUM_LOGGED = 10
-
-
-def dali_available() -> bool:
-    return is_available("nvidia.dali")
 
 
 def resolve_device(device: str) -> str:
@@ -85,16 +81,14 @@ def _fn():
     return fn, types
 
 
-def _to_chw(img, *, mirror=None, crop=None):
-    """HWC uint8 -> CHW uint8 (normalized later on the device, fastenc.data.spec), with the optional flip / crop."""
+def _to_chw(img, *, mirror=None):
+    """HWC uint8 -> CHW uint8 (normalized later on the device, fastenc.data.spec), with the optional flip."""
     import nvidia.dali.fn as fn  # plain imports: also called under DALI's conditional (autograph) conversion
     import nvidia.dali.types as types
 
     kwargs = dict(dtype=types.UINT8, output_layout="CHW")
     if mirror is not None:
         kwargs["mirror"] = mirror
-    if crop is not None:
-        kwargs["crop"] = crop
     return fn.crop_mirror_normalize(img, **kwargs)
 
 

@@ -227,13 +227,7 @@ def caption_histogram(words: Counter, out_png: str) -> str:
     ax.set_xlabel("words")
     ax.set_ylabel("samples")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:  # not analysis.curves.save_figure: the data tools sit below analysis in the layers (ARCHITECTURE.md)
-        with atomic.atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return out_png
+    return atomic.save_figure(fig, out_png)
 
 
 def _shard_paths(shards) -> list[str]:

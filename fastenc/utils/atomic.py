@@ -106,3 +106,15 @@ def write_json(path: str, obj, *, indent: int | None = 1, fsync: bool = True, **
     """JSON with a trailing newline (dumps_kwargs: default=str, sort_keys=True, ...)."""
     return write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n", fsync=fsync)
 
+
+def save_figure(fig, path: str) -> str:
+    """tight_layout, write a matplotlib figure as PNG through atomic_path (PNG whatever the extension), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path
