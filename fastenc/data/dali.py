@@ -6,6 +6,15 @@ One pipeline definition per data spec (fastenc.data.spec) serves both devices:
     device "cpu"   DALI's CPU backend (device_id=None), for machines without a GPU; batches are CPU tensors.
 "auto" picks gpu when torch sees CUDA, else cpu.
 
+What each spec reads and produces (before the loader's `finish`, the objective's collate):
+    ImageTextSpec     image (+ .txt): "image" [B, 3, S, S] uint8, train or eval transform; with captions "caption"
+                      list[str]
+    MultiCropSpec     image: "global" [B, G, 3, S, S] and, with local crops, "local" [B, N, 3, s, s] uint8
+    ConversationSpec  image + .json: "image" [B, 3, S, S] uint8, the eval transform (as ImageTextSpec(train=False)),
+                      and "conversation" list[str], each sample's .json as text ("" for one that is not UTF-8, which
+                      ConversationCollate.finish then skips and counts, as the torch path skips it)
+Samples without the spec's text member (.txt, .json) are not read, and not counted in the epoch.
+
 Reading. fn.readers.webdataset reads the shards through their DALI index files (fastenc.data.index; built and
 validated by `fastenc data index`, `fastenc data ingest` or, when missing, by the trainer's prepare step). Each epoch
 is a list of shards: a seeded permutation (data.resampled=false) or a seeded draw with replacement of as many
@@ -20,7 +29,8 @@ have produced next. A restored run therefore neither repeats nor skips a sample 
 Corrupt samples. DALI cannot skip a sample it fails to decode: the whole batch fails and the pipeline object is
 dead. fastenc handles it in two layers:
   1. validation when indexing: samples whose image does not decode are left out of the index (counted in the
-     index reports and in `num_excluded`), non-UTF-8 or missing captions are left out of image-text epochs;
+     index reports and in `num_excluded`), non-UTF-8 or missing captions are left out of image-text epochs (the
+     .json of conversations is not validated: the collate skips a bad one and counts it in num_skipped);
   2. a recovery path for whatever still fails (indexes built without validation, or an image Pillow decodes and
      DALI does not): the loader replays the failing batches' raw bytes with a reader-only pipeline, finds the
      samples Pillow cannot decode (all samples of those batches if it finds none), writes this rank's copy of
@@ -46,7 +56,7 @@ import torch
 
 from fastenc.data import spec as S
 from fastenc.data.index import index_path_for, read_report, report_path_for
-from fastenc.data.spec import ImageTextSpec, MultiCropSpec
+from fastenc.data.spec import ConversationSpec, ImageTextSpec, MultiCropSpec
 from fastenc.data.transforms import IMAGE_EXTENSIONS, CorruptSample, decode_image
 from fastenc.utils import atomic
 from fastenc.utils.optional import require
@@ -108,7 +118,15 @@ def image_text_graph(encoded, spec: ImageTextSpec, device: str):
                                             num_attempts=10, adjust_orientation=False)
         img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
         return _to_chw(img)
-    img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
+    return eval_image_graph(encoded, size, device)
+
+
+def eval_image_graph(encoded, size: int, device: str):
+    """Encoded image bytes -> uint8 [3, size, size]: the eval transform (of ImageTextSpec(train=False) and of
+    ConversationSpec): resize the shorter side to `size` (bicubic) + center crop, as torchvision does."""
+    fn, types = _fn()
+    img = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                            adjust_orientation=False)
     return _to_chw(_eval_resize_crop(img, size))
 
 
@@ -259,7 +277,16 @@ def output_names(spec) -> list[str]:
         return ["image"] + (["caption", "caption_len"] if spec.captions else [])
     if isinstance(spec, MultiCropSpec):
         return ["global"] + (["local"] if spec.num_local else [])
+    if isinstance(spec, ConversationSpec):
+        return ["image", "conversation", "conversation_len"]
     raise TypeError(f"no DALI pipeline for data spec {spec!r}")
+
+
+def text_ext(spec) -> str | None:
+    """The text member a sample needs for `spec`: "txt" (captions), "json" (conversations) or None (image only)."""
+    if isinstance(spec, ConversationSpec):
+        return "json"
+    return "txt" if isinstance(spec, ImageTextSpec) and spec.captions else None
 
 
 def build_pipeline(spec, files: list[str], indexes: list[str], *, batch_size: int, num_threads: int, device: str,
@@ -276,8 +303,8 @@ def build_pipeline(spec, files: list[str], indexes: list[str], *, batch_size: in
     from nvidia.dali import pipeline_def
 
     fn, types = _fn()
-    captions = isinstance(spec, ImageTextSpec) and spec.captions
-    exts = [IMAGE_EXT, "txt"] if captions else [IMAGE_EXT]
+    text = text_ext(spec)
+    exts = [IMAGE_EXT, text] if text else [IMAGE_EXT]
 
     fused = device == "cpu" if fused is None else fused
     conditionals = isinstance(spec, MultiCropSpec) and not fused and not reader_only
@@ -292,15 +319,15 @@ def build_pipeline(spec, files: list[str], indexes: list[str], *, batch_size: in
                                      random_shuffle=shuffle_buffer > 1, initial_fill=max(int(shuffle_buffer), 1),
                                      seed=seed, shard_id=shard_id, num_shards=num_shards, pad_last_batch=False,
                                      name=READER)
-        encoded = read[0] if captions else read
+        encoded = read[0] if text else read
         if reader_only:
             return fn.pad(encoded), encoded.shape(), fn.pad(fn.get_property(encoded, key="source_info"))
-        if isinstance(spec, ImageTextSpec):
-            image = image_text_graph(encoded, spec, device)
-            if not captions:
+        if isinstance(spec, (ImageTextSpec, ConversationSpec)):
+            image = (eval_image_graph(encoded, spec.image_size, device) if isinstance(spec, ConversationSpec)
+                     else image_text_graph(encoded, spec, device))
+            if not text:
                 return image
-            text = read[1]
-            return image, fn.pad(text), text.shape()
+            return image, fn.pad(read[1]), read[1].shape()
         glob, loc = multicrop_graph(encoded, spec, device, fused)
         return (glob, loc) if loc is not None else glob
 
@@ -333,13 +360,31 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _captions(padded: np.ndarray, lengths: np.ndarray) -> tuple[list[str], int]:
-    """Rows of padded caption bytes -> stripped strings; (captions, number repaired: not UTF-8 or empty)."""
+def _rows(padded: np.ndarray, lengths: np.ndarray) -> list[bytes]:
+    """A batch of padded byte rows (fn.pad) and their lengths -> each row's bytes."""
     buf = padded.tobytes()
     width = padded.shape[1] if padded.ndim == 2 else 0
+    return [buf[i * width: i * width + n] for i, n in enumerate(lengths.reshape(-1).tolist())]
+
+
+def _conversations(padded: np.ndarray, lengths: np.ndarray) -> tuple[list[str], int]:
+    """Rows of padded .json bytes -> their text; (texts, number not UTF-8). A row that is not UTF-8 becomes "", which
+    the collate's parse rejects (a counted skip), as the torch path rejects its bytes: no record is trained on
+    with replacement characters."""
+    out, bad = [], 0
+    for raw in _rows(padded, lengths):
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append("")
+            bad += 1
+    return out, bad
+
+
+def _captions(padded: np.ndarray, lengths: np.ndarray) -> tuple[list[str], int]:
+    """Rows of padded caption bytes -> stripped strings; (captions, number repaired: not UTF-8 or empty)."""
     out, repaired = [], 0
-    for i, n in enumerate(lengths.reshape(-1).tolist()):
-        raw = buf[i * width: i * width + n]
+    for raw in _rows(padded, lengths):
         try:
             text = raw.decode("utf-8").lstrip("\ufeff").strip()
         except UnicodeDecodeError:
@@ -362,7 +407,7 @@ class DaliLoader:
     collate (e.g. tokenizing captions, CaptionCollate.finish), and each batch carries num_skipped (samples skipped
     since the previous batch). Adds exact resume (state_dict / load_state_dict) and `num_excluded`: the samples of
     this run's shards that the index validation found unusable for this spec (bad image; with captions, also a
-    missing or non-UTF-8 caption), left out of every epoch.
+    missing or non-UTF-8 caption; with conversations, also a missing .json), left out of every epoch.
     """
 
     backend = "dali"
@@ -392,6 +437,7 @@ class DaliLoader:
         self.max_recoveries = int(max_recoveries)
         self.names = output_names(spec)
         self.captions = "caption" in self.names
+        self.text_ext = text_ext(spec)
 
         urls = expand_shards(shards)
         self.files, self.indexes, self.sizes = [], {}, {}
@@ -404,11 +450,13 @@ class DaliLoader:
                 if not os.path.isfile(ip) or os.path.isfile(report_path_for(ip)):  # none, or fastenc's but stale
                     missing.append(url)
                     continue
-                n = _count_index(ip, captions=self.captions)  # an index from another tool (wds2idx): unvalidated
+                n = _count_index(ip, ext=self.text_ext)  # an index from another tool (wds2idx): unvalidated
             else:
-                n = rep.num_captioned if self.captions else rep.num_samples
+                # .json is not validated by the indexer, so its count is not in the report: the index lines tell.
+                n = (rep.num_samples if self.text_ext is None else rep.num_captioned if self.text_ext == "txt"
+                     else _count_index(ip, ext=self.text_ext))
                 self.num_no_caption += len(rep.no_caption) if self.captions else 0
-                self.num_excluded += len(rep.excluded) + (len(rep.no_caption) if self.captions else 0)
+                self.num_excluded += len(rep.excluded) + rep.num_samples - n  # bad image, or no text member
             if n == 0:
                 empty.append(f"{url} ({rep.error})" if rep is not None and rep.error else url)
                 continue
@@ -425,7 +473,8 @@ class DaliLoader:
                         ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
         if not self.files:
             raise ValueError(f"no usable samples in {len(urls)} shard(s) of {shards!r}"
-                             + (" (none has a caption)" if self.captions else ""))
+                             + (" (none has a caption)" if self.captions else f" (none has a .{self.text_ext})"
+                                if self.text_ext else ""))
         self.num_empty_shards = len(empty)
         # Per-rank copies of indexes rewritten by a recovery (never the shared ones).
         self._work_dir = work_dir
@@ -528,6 +577,14 @@ class DaliLoader:
                     log.warning("%d caption(s) in this batch were not UTF-8 or empty and were decoded with "
                                 "replacement characters; index the shards with `fastenc data index` (validation "
                                 "leaves such captions out)", repaired)
+        if "conversation" in named:
+            batch["conversation"], bad = _conversations(np.asarray(named["conversation"].as_tensor()),
+                                                        np.asarray(named["conversation_len"].as_tensor()))
+            if bad:
+                self._repaired_logged += bad
+                if self._repaired_logged <= _NUM_LOGGED:
+                    log.warning("%d conversation record(s) (.json) in this batch are not UTF-8; they reach the "
+                                "collate as empty text, which skips and counts them", bad)
         return batch
 
     # ----- resume -----
@@ -644,13 +701,13 @@ def _first_line(error: BaseException) -> str:
     return detail[:300]
 
 
-def _count_index(path: str, *, captions: bool) -> int:
-    """Samples of an index file written by another tool (captions: only lines that list a .txt)."""
+def _count_index(path: str, *, ext: str | None) -> int:
+    """Samples of an index file (with ext, e.g. "txt": only lines that list a member with that extension)."""
     with open(path) as f:
         header = f.readline().split()
         if len(header) != 2 or not header[0].startswith("v1"):
             raise ValueError(f"{path} is not a DALI webdataset index (header {' '.join(header)!r})")
-        if not captions:
+        if ext is None:
             return int(header[1])
-        return sum(1 for ln in f if "txt" in ln.split()[0::4])
+        return sum(1 for ln in f if ext in ln.split()[0::4])
 
