@@ -79,7 +79,10 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     train_shards: str = ""
-    """Webdataset shards: directory, brace pattern (shard-{00000..00099}.tar), glob, or comma-separated list."""
+    """Webdataset shards: directory, brace pattern (shard-{00000..00099}.tar), glob, or comma-separated list; or,
+    for the vision-language stage, a LLaVA-style .json of records (read as is, with data.image_folder)."""
+    image_folder: str = ""
+    """The folder the image paths of a LLaVA-style .json in train_shards are relative to (fastenc.data.records)."""
     batch_size: int = 256
     """Global batch size (all ranks, all accumulation micro-steps). Kept fixed across world sizes."""
     backend: Literal["auto", "dali", "torch"] = "auto"

@@ -8,6 +8,9 @@ Batch keys produced from each spec (both backends):
     ImageTextSpec  "image" [B, 3, S, S] uint8; with captions "caption" list[str] (tokenized per batch by the
                    objective's collate, CaptionCollate)
     MultiCropSpec  "global" [B, G, 3, S, S] and, with local crops, "local" [B, N, 3, s, s] uint8
+    ConversationSpec  "image" [B, 3, S, S] uint8 and "conversation" list[str], each sample's .json record as text
+                   (encoded and padded per batch by the objective's collate, ConversationCollate.finish); the torch
+                   path encodes per sample instead (ConversationSample), which also reads records without an image
 
 Images travel as uint8 (a quarter of float32's bytes through the loader workers' shared memory and the
 host-to-device copy) and are normalized where they are used, on the device, by `ImageNormalizer` with the spec's
@@ -70,6 +73,18 @@ class MultiCropSpec:
             raise ValueError(f"blur_radius must be [min, max] with 0 <= min <= max, got {list(self.blur_radius)}")
         if self.num_global < 1:
             raise ValueError(f"num_global must be >= 1, got {self.num_global}")
+
+
+@dataclass(frozen=True)
+class ConversationSpec:
+    """One image + its conversation record (.json, LLaVA's {"conversations": [...]}): the vision-language stage.
+
+    The image always gets the eval transform (resize the shorter side to image_size, bicubic, + center crop), the
+    view the encoder was evaluated with; no augmentation (LLaVA-1.5 feeds its frozen encoder the same way)."""
+
+    image_size: int
+    mean: tuple = OPENAI_CLIP_MEAN
+    std: tuple = OPENAI_CLIP_STD
 
 
 # DINO's per-crop probabilities, shared by both backends.

@@ -12,6 +12,7 @@ so the continued stream neither replays the old order nor tracks which samples w
 from __future__ import annotations
 
 import logging
+import os
 
 from fastenc.utils.optional import MissingDependency, is_available, require, warn_once
 
@@ -80,12 +81,35 @@ class TorchStream:
             self._it = None
 
 
+def expand_train_data(cfg) -> list[str]:
+    """cfg.data.train_shards as the list of files a run reads: its shards (fastenc.data.shards.expand_shards), or the
+    one LLaVA-style records .json (fastenc.data.records)."""
+    from fastenc.data.records import is_record_file
+    from fastenc.data.shards import expand_shards
+
+    spec = cfg.data.train_shards
+    if not is_record_file(spec):
+        return expand_shards(spec)
+    if cfg.data.backend == "dali":
+        raise ValueError(f"data.backend=dali reads webdataset shards; {spec} is a records .json, which the torch "
+                         "path reads (set data.backend to torch or auto), or write the records into shards")
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"records file {spec!r} does not exist")
+    return [spec]
+
+
 def build_train_stream(cfg, objective, shards: list[str], *, batch_size: int, dist, start_step: int = 0,
                        work_dir: str | None = None):
-    """The training stream of `objective` over `shards` (cfg.data.train_shards expanded), for this rank. work_dir:
+    """The training stream of `objective` over `shards` (expand_train_data's list), for this rank. work_dir:
     where the DALI backend keeps this rank's working files (the run dir provides one per rank)."""
-    backend = resolve_backend(cfg.data.backend)
+    from fastenc.data.records import RecordStream, is_record_file
+
     collate = objective.collate_fn(train=True)
+    if is_record_file(cfg.data.train_shards):  # exact resume (fastenc.data.records)
+        return RecordStream(shards[0], cfg.data.image_folder, sample_fn=objective.sample_fn(train=True),
+                            collate_fn=collate, batch_size=batch_size, num_workers=cfg.data.num_workers,
+                            seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size)
+    backend = resolve_backend(cfg.data.backend)
     if backend == "dali":
         from fastenc.data.dali import DaliLoader
 
@@ -105,7 +129,9 @@ def build_train_stream(cfg, objective, shards: list[str], *, batch_size: int, di
 def prepare_indexes(cfg, shards: list[str]) -> dict | None:
     """For data.backend=dali: build missing or stale DALI index files (validating every sample) and return the
     summary of what the indexes hold (fastenc.data.index.summarize); None for the torch backend."""
-    if resolve_backend(cfg.data.backend) != "dali":
+    from fastenc.data.records import is_record_file
+
+    if is_record_file(cfg.data.train_shards) or resolve_backend(cfg.data.backend) != "dali":
         return None
     from fastenc.data.index import ensure_indexes, summarize
 
@@ -125,4 +151,5 @@ def prepare_indexes(cfg, shards: list[str]) -> dict | None:
     return summary
 
 
-__all__ = ["MissingDependency", "TorchStream", "build_train_stream", "prepare_indexes", "resolve_backend"]
+__all__ = ["MissingDependency", "TorchStream", "build_train_stream", "expand_train_data",
+           "prepare_indexes", "resolve_backend"]

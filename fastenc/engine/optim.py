@@ -34,19 +34,23 @@ def aligned_groups(group: dict) -> list[dict]:
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay_names: set[str] = frozenset()) -> list[dict]:
-    decay, no_decay = [], []
+    """Trainable parameters in groups by weight decay (none on biases, norms and no_decay_names) and by the
+    module's `lr_scale(name)` where it has one (fastenc.objectives.base.Objective); frozen ones are left out."""
+    lr_scale = getattr(module, "lr_scale", lambda name: 1.0)
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in no_decay_names or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return [g for group in groups for g in aligned_groups(group)]
+        decay = not (p.ndim <= 1 or name in no_decay_names or name.endswith(".bias"))
+        groups.setdefault((decay, float(lr_scale(name))), []).append(p)
+    out = []
+    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1] != 1.0, kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0,
+                 "name": ("decay" if decay else "no_decay") + (f"@lr_scale{scale:g}" if scale != 1.0 else "")}
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        out += aligned_groups(group)
+    return out
 
 
 def order_parameters_for_alignment(module: nn.Module) -> None:

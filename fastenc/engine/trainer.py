@@ -101,15 +101,14 @@ def open_run_dir(cfg: Config, dist: DistInfo, resume: str | None) -> RunDir:
 def prepare_data(cfg: Config, dist: DistInfo) -> list[str]:
     """The expanded shard list, the same on every rank. Rank 0 first makes what is missing: synthetic shards (if
     configured and absent), DALI index files (data.backend=dali) and the objective's assets (tokenizers, ...)."""
-    from fastenc.data.shards import expand_shards
-    from fastenc.data.stream import prepare_indexes
+    from fastenc.data.stream import expand_train_data, prepare_indexes
     from fastenc.objectives import get_objective
 
     shards = None
     if dist.is_main:
         if cfg.data.synth.num_samples > 0:
             _synthesize_if_missing(cfg)
-        shards = expand_shards(cfg.data.train_shards)  # a clear error now rather than inside a worker
+        shards = expand_train_data(cfg)  # a clear error now rather than inside a worker
         prepare_indexes(cfg, shards)
         get_objective(cfg.objective.name).prepare(cfg)
     barrier()
@@ -318,10 +317,13 @@ class TrainLoop:
 
 def export_weights(cfg: Config, dist: DistInfo, engine, run_dir: RunDir) -> dict:
     """The fp32 weights (a gather on every rank under ZeRO-3) exported by rank 0 (fastenc.run.weights)."""
+    module = engine.module
     state = fp32_state_dict(engine)
-    state.update(engine.module.extra_state())  # e.g. DINO's teacher and center
-    paths = export_from_state_dict(state, run_dir, cfg, encoder_prefix=engine.module.export_prefix) \
-        if dist.is_main else {}
+    state.update(module.extra_state())  # e.g. DINO's teacher and center
+    paths = {}
+    if dist.is_main:
+        paths = module.export_files(state, run_dir) or export_from_state_dict(state, run_dir, cfg,
+                                                                               encoder_prefix=module.export_prefix)
     barrier()
     return paths
 

@@ -52,3 +52,42 @@ def llama_from_preset(name: str, tokenizer):
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False, **LM_PRESETS[name])
     return LlamaForCausalLM(config)
+
+
+def load_lm(path: str):
+    """(causal LM in fp32, its fast tokenizer) from a local Hugging Face directory, without network. A tokenizer
+    that does not know `<image>` learns it as a special token; the LM's vocabulary stays as it is (the model fills
+    the image positions from the projector and never embeds or predicts that id)."""
+    require("transformers", "the vision-language stage")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: the tokenizer has no fast (Rust) version, which reports the character offsets "
+                         "that place the labels; convert it with transformers' convert_slow_tokenizer")
+    if IMAGE not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
+    lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    return lm, tokenizer
+
+
+def save_lm(lm, tokenizer, state: dict, path: str) -> None:
+    """The LM (weights from `state`, the fp32 master copy, with the LM's own parameter names) and its tokenizer as
+    a Hugging Face directory at `path`, written whole or not at all."""
+    from fastenc.utils import atomic
+
+    with atomic.atomic_dir(path) as tmp:
+        lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def create_preset_lm(path: str, preset: str, texts, *, vocab_size: int, seed: int) -> None:
+    """A random-init Llama of `preset` with a tokenizer fitted on `texts`, saved as a Hugging Face directory."""
+    import torch
+
+    tokenizer = train_chat_tokenizer(texts, vocab_size=vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = llama_from_preset(preset, tokenizer)
+    save_lm(lm, tokenizer, lm.state_dict(), path)

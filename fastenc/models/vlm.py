@@ -27,26 +27,25 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"unknown projector {kind!r} (known: {', '.join(PROJECTORS)})")
 
 
-class VisionLanguageModel(nn.Module):
-    def __init__(self, vision: nn.Module, lm: nn.Module, image_token_id: int, *, projector: str = "mlp2x_gelu",
-                 feature_layer: int = -2, keep_cls: bool = False):
-        super().__init__()
-        self.vision, self.lm = vision, lm
-        self.image_token_id, self.feature_layer, self.keep_cls = int(image_token_id), int(feature_layer), keep_cls
-        self.projector = build_projector(projector, vision.embed_dim, lm.get_input_embeddings().embedding_dim)
+class VisionLanguage:
+    """The VLM computation over `self.encoder` (the ViT), `self.projector` and `self.lm` (a Hugging Face causal LM),
+    with `self.image_token_id`, `self.feature_layer` and `self.keep_cls`. Shared by the standalone model below and
+    the training objective (fastenc.objectives.llava), which hold the same three parts under the same names."""
 
     @property
     def num_image_tokens(self) -> int:
         """P: the tokens one image becomes (the patch grid, plus the CLS token with keep_cls)."""
-        grid_h, grid_w = self.vision.grid_size
-        return grid_h * grid_w + (self.vision.num_prefix_tokens if self.keep_cls else 0)
+        grid_h, grid_w = self.encoder.grid_size
+        return grid_h * grid_w + (self.encoder.num_prefix_tokens if self.keep_cls else 0)
+
+    def image_features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images -> the chosen block's patch tokens [B, P, D] (before the projector)."""
+        x_BTD = self.encoder.forward_intermediates(images_BCHW, [self.feature_layer])[0]
+        return x_BTD if self.keep_cls else x_BTD[:, self.encoder.num_prefix_tokens:]
 
     def image_tokens(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Images -> their projected tokens [B, P, H]."""
-        x_BTD = self.vision.forward_intermediates(images_BCHW, [self.feature_layer])[0]
-        if not self.keep_cls:
-            x_BTD = x_BTD[:, self.vision.num_prefix_tokens:]
-        return self.projector(x_BTD)
+        return self.projector(self.image_features(images_BCHW))
 
     def embed(self, input_ids_BL: torch.Tensor, images_BCHW: torch.Tensor | None) -> torch.Tensor:
         """The LM's input embeddings [B, L, H], each row's `<image>` positions (exactly P, or none for a text-only
@@ -65,8 +64,40 @@ class VisionLanguageModel(nn.Module):
         img_NPH = self.image_tokens(images_BCHW[has_image]).to(x_BLH.dtype)
         return x_BLH.masked_scatter(is_image_BL.unsqueeze(-1), img_NPH)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+    def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 images: torch.Tensor | None = None) -> torch.Tensor:
         """The LM's next-token loss over the supervised labels (fastenc.data.conversation.IGNORE elsewhere)."""
         out = self.lm(inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask, labels=labels)
         return out.loss
+
+    @torch.no_grad()
+    def generate(self, input_ids_1L: torch.Tensor, image_1CHW: torch.Tensor | None, *, max_new_tokens: int = 32,
+                 eos_token_id: int | None = None) -> list[int]:
+        """Greedy continuation of one prompt (ids with the image's P `<image>` ids in place): the new token ids, up to
+        and without `eos_token_id`. Re-runs the whole sequence per token: the check of a trained model, not a
+        server."""
+        ids, new = input_ids_1L, []
+        for _ in range(max_new_tokens):
+            logits = self.lm(inputs_embeds=self.embed(ids, image_1CHW),
+                             attention_mask=torch.ones_like(ids)).logits[:, -1]
+            token = int(logits.argmax(dim=-1))
+            if token == eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        return new
+
+
+class VisionLanguageModel(VisionLanguage, nn.Module):
+    """encoder + projector + lm as one module (evaluation, generation; training uses fastenc.objectives.llava)."""
+
+    def __init__(self, encoder: nn.Module, lm: nn.Module, image_token_id: int, *, projector: str = "mlp2x_gelu",
+                 feature_layer: int = -2, keep_cls: bool = False):
+        super().__init__()
+        self.encoder, self.lm = encoder, lm
+        self.image_token_id, self.feature_layer, self.keep_cls = int(image_token_id), int(feature_layer), keep_cls
+        self.projector = build_projector(projector, encoder.embed_dim, lm.get_input_embeddings().embedding_dim)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_loss(input_ids, labels, attention_mask, images)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 
 from fastenc.errors import ConfigError
-from fastenc.objectives import clip, dino, siglip  # noqa: F401  (importing registers the built-in objectives)
+from fastenc.objectives import clip, dino, llava, siglip  # noqa: F401  (importing registers the built-in objectives)
 from fastenc.objectives.base import Objective, build_encoder
 from fastenc.objectives.registry import REGISTRY, register_objective
 

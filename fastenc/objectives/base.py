@@ -19,6 +19,9 @@ Capabilities: what evaluation and later stages (the VLM) ask an objective for, i
                                         `encode_image(images)` embed both in one L2-normalized space (zero-shot,
                                         retrieval)
     missing_assets(cfg)                 why the objective cannot be built from cfg here (a file it needs is absent)
+    lr_scale(name)                      a parameter's learning rate relative to optim.lr (default 1)
+    export_files(state, run_dir)        what a finished run exports; None (the default): the encoder and the whole
+                                        objective (fastenc.run.weights.export_from_state_dict)
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ class Objective(nn.Module):
     export_prefix: ClassVar[str] = "encoder."
     has_text: ClassVar[bool] = False
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, encoder: nn.Module | None = None):
+        """encoder: a ready vision encoder (the VLM stage's, from another run); default: built from cfg.model."""
         super().__init__()
         self.cfg = cfg
-        self.encoder = build_encoder(cfg.model)
+        self.encoder = build_encoder(cfg.model) if encoder is None else encoder
 
     @classmethod
     def prepare(cls, cfg) -> None:
@@ -70,6 +74,15 @@ class Objective(nn.Module):
     def exported_encoder(self) -> nn.Module:
         """The vision encoder a run exports (export_prefix names it)."""
         return self.get_submodule(self.export_prefix.rstrip("."))
+
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter `name` relative to optim.lr (the same schedule, scaled)."""
+        return 1.0
+
+    def export_files(self, state: dict[str, torch.Tensor], run_dir) -> dict[str, str] | None:
+        """Write what a finished run exports from its fp32 `state` into `run_dir` (fastenc.run.layout.RunDir), on
+        rank 0; returns {what: path}. None: the standard export (fastenc.run.weights.export_from_state_dict)."""
+        return None
 
     def data_spec(self, train: bool = True):
         """The sample description (ImageTextSpec, MultiCropSpec, ...) both data backends build from."""

@@ -16,6 +16,8 @@ reading and writing a run's config is fastenc.run.configs.
         export/encoder.safetensors    the vision encoder, timm parameter names, fp32 (fastenc.run.weights)
         export/objective.safetensors  every parameter of the objective (text tower, projections, ...), fp32
         export/README.txt             how to load the encoder
+        export/projector.safetensors  a vision-language run's projector (fastenc.objectives.llava), fp32
+        export/lm/                    its language model and tokenizer, Hugging Face format (save_pretrained)
         data/rank<N>/                 rank N's working files of the DALI backend (its copy of an index without the
                                       samples found corrupt while training)
 """
@@ -39,6 +41,8 @@ EXPORT = "export"
 ENCODER = "encoder.safetensors"
 OBJECTIVE = "objective.safetensors"
 EXPORT_README = "README.txt"
+PROJECTOR = "projector.safetensors"
+LANGUAGE_MODEL = "lm"
 DATA_STATE = "data"
 
 
@@ -75,6 +79,8 @@ class RunDir:
     encoder = property(lambda self: self._at(EXPORT, ENCODER))
     objective = property(lambda self: self._at(EXPORT, OBJECTIVE))
     export_readme = property(lambda self: self._at(EXPORT, EXPORT_README))
+    projector = property(lambda self: self._at(EXPORT, PROJECTOR))
+    language_model = property(lambda self: self._at(EXPORT, LANGUAGE_MODEL))
 
     def data_work_dir(self, rank: int) -> str:
         """Where the data backend of `rank` keeps its working files (the DALI backend: index copies without the

@@ -90,6 +90,36 @@ def atomic_path(path: str, *, fsync: bool = True) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Yield a temporary directory to fill; on success it becomes `path` (a directory already there is moved aside
+    first and removed after), so `path` is always absent, the old complete directory or the new complete one."""
+    import shutil
+
+    path = os.fspath(path).rstrip(os.sep)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    tmp = temp_name(path)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync_file(os.path.join(root, name))
+        old = None
+        if os.path.exists(path):
+            old = temp_name(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_bytes(path: str, data: bytes, *, fsync: bool = True) -> str:
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
         f.write(data)

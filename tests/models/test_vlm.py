@@ -33,7 +33,7 @@ def _batch(tokenizer, vlm, answers=("red", "a blue square")):
     mask = torch.zeros(len(rows), length, dtype=torch.long)
     for r, (i, lab) in enumerate(rows):
         ids[r, :len(i)], labels[r, :len(i)], mask[r, :len(i)] = torch.tensor(i), torch.tensor(lab), 1
-    images = torch.randn(len(rows), 3, vlm.vision.img_size, vlm.vision.img_size)
+    images = torch.randn(len(rows), 3, vlm.encoder.img_size, vlm.encoder.img_size)
     return ids, labels, mask, images
 
 
