@@ -31,7 +31,7 @@ def test_config_show_resolves_and_reports_errors(capsys):
 
 def test_listings(capsys):
     assert main(["objectives"]) == 0
-    assert capsys.readouterr().out.split() == ["clip", "dino", "siglip"]
+    assert capsys.readouterr().out.split() == ["clip", "dino", "llava", "siglip"]
     assert main(["models"]) == 0
     assert "vit_base_patch16_224" in capsys.readouterr().out
 

@@ -12,6 +12,8 @@
     fastenc eval [suite] RUN_DIR... --suite SUITE --out DIR   every protocol of an eval suite on every run:
                                          report.md, results.json, PNGs (configs/cpu/eval_synth.yaml; launch/evaluate.py)
     fastenc eval knn --encoder ENCODER.safetensors|RUN_DIR --train-shards S --val-shards S [--label category_id]
+    fastenc data synth-llava --out DIR [--num-samples N] [--num-heldout M]
+    fastenc chat RUN_DIR --image IMG "question"  |  fastenc chat RUN_DIR --score RECORDS.json --images DIR
     fastenc plot METRICS_OR_RUN_DIR ... --out loss.png
     fastenc objectives | fastenc models
 
@@ -26,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from fastenc.cli import config, data, evaluate, study, train
+from fastenc.cli import chat, config, data, evaluate, study, train
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ COMMANDS = (
             "launch/pretrain.py)"),
     Command("data synth", data.run_synth, data.add_synth_args, "write synthetic webdataset shards for the toy-scale "
             "study"),
+    Command("data synth-llava", data.run_synth_llava, data.add_synth_llava_args, "write synthetic LLaVA-format "
+            "conversations (image folder + captions/instruct/heldout JSON) for the CPU vision-language recipes"),
     Command("data ingest", data.run_ingest, data.add_ingest_args, "image folder or img2dataset output -> validated "
             "shards + indexes", data.INGEST_HELP),
     Command("data index", data.run_index, data.add_index_args, "build missing or stale DALI index files (fastenc's "
@@ -66,6 +70,8 @@ COMMANDS = (
             "every run (the default: `fastenc eval RUN_DIR... --suite S --out D`)"),
     Command("eval knn", evaluate.run_knn, evaluate.add_knn_args, "weighted k-NN accuracy of frozen features (DINO's "
             "protocol)"),
+    Command("chat", chat.run_chat, chat.add_chat_args, "ask a trained vision-language run about an image (greedy), "
+            "or --score its answers on records"),
     Command("plot", evaluate.run_plot, evaluate.add_plot_args, "loss curves of several runs on one figure"),
     Command("objectives", config.run_objectives, None, "list registered objectives"),
     Command("models", config.run_models, None, "list ViT and text-tower presets"),

@@ -50,6 +50,23 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_synth_llava_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for images/, captions.json, instruct.json, heldout.json")
+    p.add_argument("--num-samples", type=int, default=6000, help="training images (both stages use them)")
+    p.add_argument("--num-heldout", type=int, default=200, help="images no stage trains on (for `fastenc chat`)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_synth_llava(args: argparse.Namespace) -> int:
+    from fastenc.datatools.synth_llava import write_synthetic_llava
+
+    paths = write_synthetic_llava(args.out, args.num_samples, num_heldout=args.num_heldout,
+                                  image_size=args.image_size, seed=args.seed)
+    print(f"wrote {args.num_samples} + {args.num_heldout} images to {args.out}/images and " + ", ".join(paths.values()))
+    return 0
+
+
 def add_ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="image folder, or folder of webdataset .tar shards")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for shards, indexes, manifest.json")

@@ -68,7 +68,7 @@ def load_lm(path: str):
                          "that place the labels; convert it with transformers' convert_slow_tokenizer")
     if IMAGE not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
-    lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return lm, tokenizer
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -85,3 +86,51 @@ def load_exported_objective(cfg, path: str) -> torch.nn.Module:
     state = load_file(path)
     objective.load_state_dict({k: v for k, v in state.items() if k in objective.state_dict()}, strict=True)
     return objective.eval()
+
+
+@dataclass
+class LoadedVLM:
+    """A vision-language run's export put back together (fastenc.objectives.llava writes it), in eval mode."""
+
+    model: torch.nn.Module
+    """fastenc.models.vlm.VisionLanguageModel: encoder + projector + LM."""
+    tokenizer: object
+    conversations: object
+    """fastenc.data.conversation.ConversationEncoder: the run's chat format, image tokens and max length."""
+    image_transform: object
+    """PIL image -> normalized [3, S, S]: the encoder's eval transform, as in training."""
+
+
+def load_vlm(run_dir: str) -> LoadedVLM:
+    """A finished llava run (its export: encoder, projector, LM + tokenizer; its config: chat format, max length),
+    ready for generation on the CPU."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fastenc.data.conversation import ConversationEncoder, chat_format
+    from fastenc.data.transforms import image_transform
+    from fastenc.models import load_vit
+    from fastenc.models.language import load_lm
+    from fastenc.models.vlm import VisionLanguageModel
+    from fastenc.run.configs import load_config_or_run
+
+    run = RunDir(run_dir)
+    missing = [p for p in (run.encoder, run.projector, run.language_model) if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished vision-language run: {', '.join(missing)} missing (a "
+                                "llava run exports them when it reaches schedule.steps)")
+    cfg = load_config_or_run(run_dir)
+    with safe_open(run.projector, "pt") as f:
+        meta = f.metadata() or {}
+    lm, tokenizer = load_lm(run.language_model)
+    model = VisionLanguageModel(load_vit(run.encoder), lm, tokenizer.convert_tokens_to_ids("<image>"),
+                                projector=meta.get("projector", cfg.objective.projector),
+                                feature_layer=int(meta.get("feature_layer", cfg.objective.vision.feature_layer)),
+                                keep_cls=meta.get("keep_cls", str(cfg.objective.vision.keep_cls)) == "True")
+    model.projector.load_state_dict(load_file(run.projector))
+    model.eval()
+    conversations = ConversationEncoder(tokenizer, chat_format(cfg.objective.chat_format, tokenizer),
+                                        image_token_id=model.image_token_id, num_image_tokens=model.num_image_tokens,
+                                        max_length=cfg.objective.max_length)
+    size = int(model.encoder.img_size)
+    return LoadedVLM(model, tokenizer, conversations, image_transform(size, train=False))
