@@ -7,7 +7,7 @@ PYTEST  := $(VPY) -m pytest
 STAMP   := $(VENV)/.fastenc-installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-slow test-all bench study-cpu clean
+.PHONY: setup demo test test-slow test-all bench study-cpu llava-cpu clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,15 @@ study-cpu: setup
 	$(VENV)/bin/fastenc study run configs/cpu/study.yaml
 	$(VENV)/bin/fastenc eval runs/clip_tiny runs/siglip_tiny runs/dino_tiny init:runs/clip_tiny --suite eval_synth \
 	    --out eval/synth --cache-dir eval/feature_cache
+
+# The vision-language stage on the CPU study's CLIP run (trained here if `make study-cpu` has not): synthetic LLaVA
+# data, stage 1, stage 2, then the accuracy on held-out images. Rerunning resumes or skips what is done.
+llava-cpu: setup
+	test -f runs/clip_tiny/export/encoder.safetensors || $(VPY) launch/pretrain.py --config configs/cpu/clip_tiny.yaml --resume
+	test -f data/synth_llava/heldout.json || $(VENV)/bin/fastenc data synth-llava --out data/synth_llava
+	$(VPY) launch/pretrain.py --config configs/cpu/llava_tiny_stage1.yaml --resume
+	$(VPY) launch/pretrain.py --config configs/cpu/llava_tiny_stage2.yaml --resume
+	$(VENV)/bin/fastenc chat runs/llava_tiny_stage2 --score data/synth_llava/heldout.json --images data/synth_llava
 
 clean:
 	rm -rf $(VENV) build *.egg-info

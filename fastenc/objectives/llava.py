@@ -267,23 +267,27 @@ def _save(tensors: dict, path: str, metadata: dict) -> None:
 
 
 def _conversation_texts(cfg) -> list[str]:
-    """Every turn's text of the training conversations (what a preset LM's tokenizer is fitted on), with the chat
-    format's fixed words."""
+    """The training conversations as the LM will read them (rendered in the Vicuna format, so the template's words
+    weigh as often as they occur): what a preset LM's tokenizer is fitted on. Records that do not parse are left
+    out here (training skips and counts them)."""
     import json
 
-    from fastenc.data.conversation import VICUNA_V1
+    from fastenc.data.conversation import VICUNA_V1, parse_llava_conversations
     from fastenc.data.records import RecordTable, is_record_file
     from fastenc.data.shards import expand_shards
+    from fastenc.data.transforms import CorruptSample
 
     if is_record_file(cfg.data.train_shards):
         table = RecordTable(cfg.data.train_shards)
         records = (table.record(i) for i in range(len(table)))
     else:
         records = (json.loads(data) for data in _shard_members(expand_shards(cfg.data.train_shards), ".json"))
-    texts = [VICUNA_V1.system, VICUNA_V1.user_prefix, VICUNA_V1.assistant_prefix]
+    texts = []
     for record in records:
-        if isinstance(record, dict):
-            texts += [t.get("value", "") for t in record.get("conversations", []) if isinstance(t, dict)]
+        try:
+            texts.append(VICUNA_V1.render(parse_llava_conversations(record.get("conversations")))[0])
+        except (CorruptSample, AttributeError):
+            continue
     return texts
 
 
