@@ -78,7 +78,10 @@ class ChatFormat:
 
     def render(self, turns: list[Turn], *, generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """(text, [(start, end) character span of each supervised answer]). generation_prompt: the turns end with a
-        user turn, and the text ends with the assistant prefix, ready for generation."""
+        user turn, and the text ends with the assistant prefix without its trailing spaces, ready for generation: in
+        training the space before an answer goes into the answer's first token (" red"), so a prompt that ended in
+        a lone space token would ask the model to continue from a token it never saw there (LLaVA's prompt ends with
+        "ASSISTANT:" for the same reason)."""
         if generation_prompt != bool(turns and turns[-1].role == "user"):
             raise ValueError("a generation prompt needs turns that end with the user's question (and only then)")
         parts, spans = [self.system + self.system_suffix], []
@@ -91,7 +94,8 @@ class ChatFormat:
                 spans.append((pos, pos + len(piece)))
             parts.append(piece)
             pos += len(piece)
-        return "".join(parts), spans
+        text = "".join(parts)
+        return (text.rstrip(" ") if generation_prompt else text), spans
 
 
 VICUNA_V1 = ChatFormat(

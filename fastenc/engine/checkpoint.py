@@ -98,7 +98,8 @@ def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of the objective from the live engine, on every rank (a collective under ZeRO-3).
 
     Parameters come from DeepSpeed's fp32 master copies wherever it keeps them (ZeRO-1/2/3, bf16), gathered from
-    their partitions; so a bf16 run exports its master weights, not bf16-rounded ones. Buffers come from the
+    their partitions; so a bf16 run exports its master weights, not bf16-rounded ones. Frozen parameters have no
+    master copy: they come from the module (gathered under ZeRO-3), in the precision the engine holds them. Buffers come from the
     module as they are.
     """
     from deepspeed.utils import safe_get_full_fp32_param
@@ -106,7 +107,15 @@ def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     module = engine.module
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p)  # None where DeepSpeed keeps no separate master (ZeRO-0 fp32)
+        if hasattr(p, "ds_id") and not p.requires_grad:
+            # ZeRO-3 partitions frozen parameters too (a frozen encoder or LM) but keeps no master copy of them:
+            # gather the module's own copy (in the engine's precision).
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                out[name] = p.detach().float().cpu().clone()
+            continue
+        full = safe_get_full_fp32_param(p)  # None where DeepSpeed keeps no separate master (ZeRO-0 fp32, frozen)
         out[name] = (p if full is None else full).detach().float().cpu().clone()
     persistent = set(module.state_dict(keep_vars=True))  # buffers state_dict would save (non-persistent ones not)
     for name, b in module.named_buffers():

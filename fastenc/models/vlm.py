@@ -73,19 +73,13 @@ class VisionLanguage:
     @torch.no_grad()
     def generate(self, input_ids_1L: torch.Tensor, image_1CHW: torch.Tensor | None, *, max_new_tokens: int = 32,
                  eos_token_id: int | None = None) -> list[int]:
-        """Greedy continuation of one prompt (ids with the image's P `<image>` ids in place): the new token ids, up to
-        and without `eos_token_id`. Re-runs the whole sequence per token: the check of a trained model, not a
-        server."""
-        ids, new = input_ids_1L, []
-        for _ in range(max_new_tokens):
-            logits = self.lm(inputs_embeds=self.embed(ids, image_1CHW),
-                             attention_mask=torch.ones_like(ids)).logits[:, -1]
-            token = int(logits.argmax(dim=-1))
-            if token == eos_token_id:
-                break
-            new.append(token)
-            ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-        return new
+        """Greedy continuation of one prompt (ids with the image's P `<image>` ids in place): the new token ids, up
+        to and without `eos_token_id`. The LM's own `generate` (with its KV cache) from the spliced embeddings."""
+        out = self.lm.generate(inputs_embeds=self.embed(input_ids_1L, image_1CHW),
+                               attention_mask=torch.ones_like(input_ids_1L), max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        new = out[0].tolist()  # from inputs_embeds alone, generate returns only the new tokens
+        return new[:new.index(eos_token_id)] if eos_token_id in new else new
 
 
 class VisionLanguageModel(VisionLanguage, nn.Module):

@@ -86,3 +86,28 @@ def test_a_wrong_number_of_image_tokens_is_an_error(parts):
         vlm.embed(ids, images)
     with pytest.raises(ValueError, match="unknown projector"):
         build_projector("mlp3x", 4, 4)
+
+
+def _greedy_reference(vlm, ids, image, steps):
+    """Greedy decoding the plain way: the whole sequence re-run for every new token, no cache."""
+    new = []
+    for _ in range(steps):
+        logits = vlm.lm(inputs_embeds=vlm.embed(ids, image), attention_mask=torch.ones_like(ids)).logits[:, -1]
+        token = int(logits.argmax(dim=-1))
+        new.append(token)
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+    return new
+
+
+def test_generate_equals_greedy_decoding_without_cache(parts):
+    """VisionLanguage.generate (the LM's generate with its KV cache, from spliced embeddings) against the reference
+    loop; with eos_token_id set it stops before the first EOS."""
+    tokenizer, vision, lm = parts
+    torch.manual_seed(1)
+    vlm = VisionLanguageModel(vision, lm, tokenizer.convert_tokens_to_ids(IMAGE)).eval()
+    ids, _, mask, images = _batch(tokenizer, vlm, answers=("red",))
+    prompt = ids[:, :int(mask.sum()) - 3]  # cut before the answer: a prompt that ends in the user's turn
+    want = _greedy_reference(vlm, prompt, images, 8)
+    assert vlm.generate(prompt, images, max_new_tokens=8) == want
+    stop = want[3]
+    assert vlm.generate(prompt, images, max_new_tokens=8, eos_token_id=stop) == want[:want.index(stop)]
