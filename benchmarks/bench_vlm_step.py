@@ -25,11 +25,13 @@ Data. Synthetic LLaVA records (fastenc.datatools.synth_llava's images and questi
 controlled: each sample's text-token target is drawn uniformly from --text-tokens x [1 - spread, 1 + spread] and
 its conversation gets question/answer turns about its image (color, shape, word, caption) until its length is
 closest to that target. "Text tokens" are every non-image token of the sample (BOS, system prompt, roles, questions,
-answers); the image adds the encoder's patch tokens. The tokenizer is a byte-level BPE fitted on those texts
-(`train_chat_tokenizer`); the LM is a random-init Llama of --lm-preset whose embedding and head have --lm-vocab rows
-(default the tokenizer's size; TinyLlama's 32000 on the GPU). The vision encoder is a freshly initialized ViT
-(--model, --image-size) saved as .safetensors and loaded as a run's encoder would be (frozen, as in LLaVA stage 2).
-Everything is cached under --work-dir by its settings.
+answers); the image adds the encoder's patch tokens. The tokenizer is a byte-level BPE fitted on the turns' texts
+and the template's words once each (`train_chat_tokenizer`; words become single tokens, and the Vicuna system prompt
+28 tokens, about what Llama's tokenizer makes of it, where the objective's own preset fits on whole rendered
+conversations and merges the repeated prompt into a few tokens); the LM is a random-init Llama of --lm-preset
+whose embedding and head have --lm-vocab rows (default the tokenizer's size; TinyLlama's 32000 on the GPU). The
+vision encoder is a freshly initialized ViT (--model, --image-size) saved as .safetensors and loaded as a run's
+encoder would be (frozen, as in LLaVA stage 2). Everything is cached under --work-dir by its settings.
 
 Measured. Per (impl, padding): --warmup steps dropped, then --repeats timed blocks of --steps steps (CUDA: synchronized
 at each block's end); medians over the repeats of samples/s, tokens/s (real tokens: attention_mask sum, image tokens
@@ -589,7 +591,8 @@ def write_markdown(path: str, rows: list[dict], a, prep: dict, env: dict, cfg, c
               f"{env.get('transformers', '')}; git {env['git_rev']}; {a.threads} intra-op threads",
               f"- LM: random-init {a.lm_preset} ({prep['lm_params'] / 1e6:.1f} M parameters, {prep['lm_vocab']} "
               f"vocabulary rows; tokenizer: byte-level BPE of {prep['tokenizer_size']} tokens fitted on the records), "
-              f"trained; vision: {a.model} at {prep['image_size']} px ({prep['vit_params'] / 1e6:.1f} M parameters, "
+              f"trained{' with gradient checkpointing' if cfg.objective.lm.grad_checkpointing else ''}; vision: "
+              f"{a.model} at {prep['image_size']} px ({prep['vit_params'] / 1e6:.1f} M parameters, "
               f"{prep['image_tokens']} image tokens), frozen; projector mlp2x_gelu, trained",
               f"- samples: {prep['image_tokens']} image tokens + text tokens mean {prep['text_tokens_mean']:.1f} "
               f"(min {prep['text_tokens_min']}, max {prep['text_tokens_max']}; targets uniform in "

@@ -2,7 +2,10 @@
 # The LLaVA stage-2 training step on one GPU in one command: fastenc's engine (DeepSpeed ZeRO-1, bf16) with pad-to-
 # longest batches, against padding to a fixed max_length and against the plain PyTorch loop of the same module
 # (benchmarks/bench_vlm_step.py says what each row measures). A random-init ~1.1B Llama (llama_1b: TinyLlama's shape,
-# 32000 vocabulary rows) behind a frozen ViT-B/16 at 384 px: 576 image tokens + ~128 text tokens per sample, batch 16.
+# 32000 vocabulary rows) behind a frozen ViT-B/16 at 384 px: 576 image tokens + ~128 text tokens per sample, batch 16,
+# the paper stage-2 recipe (configs/paper/llava_stage2.yaml: LLaVA-1.5's optimizer, LM gradient checkpointing) on
+# one GPU, so ZeRO-1 rather than its ZeRO-3 (ZeRO-3 only pays off across GPUs: results/gpu/gpu_train_step.csv).
+# EXTRA="objective.lm.grad_checkpointing=false" measures without checkpointing (a 1B LM fits an H100 without it).
 #
 #   bash benchmarks/gpu_train_step.sh --fetch-wheels     # here, with network: the wheels the GPU machine lacks
 #                                                         # (deepspeed and its pydantic/hjson; the same set)
@@ -67,8 +70,9 @@ EOF
 RESULTS=${RESULTS_DIR:-benchmarks/results/gpu}
 mkdir -p "$RESULTS"
 stamp "bench_vlm_step: llama_1b, 576 image + ~128 text tokens, bf16, ZeRO-1"
-"$PY" benchmarks/bench_vlm_step.py --lm-preset llama_1b --lm-vocab 32000 --vocab 4096 \
-    --model vit_base_patch16_224 --image-size 384 --text-tokens 128 --batch "${BATCH:-16}" --pool 4 \
+"$PY" benchmarks/bench_vlm_step.py --config configs/paper/llava_stage2.yaml \
+    --lm-preset llama_1b --lm-vocab 32000 --vocab 4096 --model vit_base_patch16_224 --image-size 384 \
+    --text-tokens 128 --batch "${BATCH:-16}" --pool 4 \
     --steps 5 --warmup 3 --repeats 3 --precision bf16 --zero-stage 1 --timeout "${TIMEOUT:-240}" \
     --work-dir /tmp/fastenc_vlm_step --out "$RESULTS/vlm_step.csv" "${EXTRA_ARGS[@]}" 2>&1 \
     | tee "$RESULTS/vlm_step.log"
