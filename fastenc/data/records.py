@@ -8,11 +8,11 @@
 torch data path reads it (RecordStream); DALI reads webdataset shards, which carry the same records as .json.
 
 Order and resume. Epoch e visits the records in a permutation seeded by (seed, e); rank r takes every world_size-th
-of them, and its batch b is records [b * B, (b + 1) * B) of that share, whichever loader worker makes it (worker w
-makes batches w, w + W, ...). The stream's position is therefore (epoch, next batch): a resumed run continues with
-exactly the batch the interrupted one would have trained on next, for any number of workers. A record that cannot
-be used (missing image, bad conversation) is skipped and counted; its batch is one sample smaller, not refilled,
-so the batches of later steps stay where they were.
+of them, and its batch b is records [b * B, (b + 1) * B) of that share, whichever loader worker makes it (from start
+batch s, worker w makes s + w, s + w + W, ...). The stream's position is therefore (epoch, next batch): a resumed
+run continues with exactly the batch the interrupted one would have trained on next, for any number of workers. A
+record that cannot be used (missing image, bad conversation) is skipped and counted; its batch is one sample
+smaller, not refilled, so the batches of later steps stay where they were.
 
 The records live in one byte buffer with offsets (not a list of Python dicts), so the loader's forked workers share
 it without copy-on-write of reference counts.
@@ -125,7 +125,9 @@ class RecordBatches(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         share = epoch_share(len(self.table), self.seed, self.epoch, self.rank, self.world_size)
-        first = self.start + (worker - self.start) % num_workers
+        # The DataLoader takes one batch from each worker in turn, worker 0 first; so worker w makes start + w,
+        # start + w + W, ... (b % W == w would come out swapped from a start that is not a multiple of W).
+        first = self.start + worker
         skipped_total, consecutive = 0, 0
         for b in range(first, len(share) // self.batch_size, num_workers):
             samples, skipped = [], 0
@@ -194,6 +196,12 @@ class RecordStream:
                 batch["num_skipped"] = torch.tensor(self._pending_skipped, dtype=torch.int64)
                 self._pending_skipped = 0
                 return batch
+            if self._pending_skipped >= len(self.table) // self._kw["world_size"]:
+                # A whole epoch's share failed in a row: a small file never reaches max_consecutive_skips (counted
+                # per epoch and worker), and the stream would go round its epochs forever.
+                raise RuntimeError(f"{self._pending_skipped} records of {self.table.path} in a row could not be "
+                                   "used, a whole epoch without one batch (the log names the first ones' reasons): "
+                                   "check data.image_folder and that these are LLaVA-style conversation records")
 
     def state_dict(self) -> dict:
         return {"backend": "records", "epoch": self.epoch, "next_batch": self.next_batch}
