@@ -51,6 +51,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -657,7 +658,7 @@ def main(argv=None) -> int:
                     f"{r['padding_frac']:.3f}" if r["status"] == "ok" else r["error"]), flush=True)
     add_ratios(rows)
     harness.append_rows(a.out, [{**r, **env} for r in rows])
-    command = "python benchmarks/bench_vlm_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_vlm_step.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     write_markdown(a.markdown, rows, a, prep, env, cfg, command.strip())
     harness.print_table(rows, ["impl", "padding", "samples_per_s", "tokens_per_s", "positions_per_s",
                                "padding_frac", "step_ms", "vs_max_length", "vs_plain", "status"])
