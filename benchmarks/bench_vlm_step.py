@@ -52,7 +52,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -638,15 +637,7 @@ def main(argv=None) -> int:
             print(f"[{BENCH}] {impl} ...", flush=True)
             t0 = time.time()
             with harness.CpuMonitor() as mon:
-                try:
-                    proc = subprocess.run(cmd, timeout=a.timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True)
-                    out = json.load(open(result)) if os.path.exists(result) else {
-                        "error": f"exit {proc.returncode}: {proc.stdout[-400:]}"}
-                    if "error" in out:
-                        print(proc.stdout[-3000:], flush=True)
-                except subprocess.TimeoutExpired:
-                    out = {"error": f"timed out after {a.timeout} s"}
+                out = harness.run_json_subprocess(cmd, result, a.timeout)
             fields = {"foreign_cpu_cores": mon.fields()["foreign_cpu_cores"], "busy_cores_before": before,
                       "others_before": others}
             new = rows_of(impl, out, a, prep, fields, time.time() - t0)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -374,15 +373,7 @@ def main(argv=None) -> int:
                    "--run-root", run_root] + (argv if argv is not None else sys.argv[1:])
             t0 = time.time()
             print(f"[{BENCH}] {case['name']} ...", flush=True)
-            try:
-                proc = subprocess.run(cmd, timeout=a.timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
-                out = json.load(open(result)) if os.path.exists(result) else {
-                    "error": f"exit {proc.returncode}: {proc.stdout[-400:]}"}
-                if "error" in out:
-                    print(proc.stdout[-3000:], flush=True)
-            except subprocess.TimeoutExpired:
-                out = {"error": f"timed out after {a.timeout} s"}
+            out = harness.run_json_subprocess(cmd, result, a.timeout)
             row = row_of(case, out, a, time.time() - t0)
             add_ratio(row, rows)
             rows.append(row)

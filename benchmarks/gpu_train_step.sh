@@ -61,19 +61,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "gpu_train_step.sh: no CUDA device here; run with --tiny for the CPU check" >&2
     exit 2
 fi
-if ! "$PY" -c "import deepspeed, webdataset, braceexpand, open_clip" 2>/dev/null; then
-    if ! ls "$WHEELS_DIR"/deepspeed-*.whl >/dev/null 2>&1; then
-        echo "gpu_train_step.sh: deepspeed/webdataset/open_clip do not import and $WHEELS_DIR holds no wheels:" \
-             "run 'bash benchmarks/gpu_train_step.sh --fetch-wheels' on a machine with network access and carry" \
-             "$WHEELS_DIR along" >&2
-        exit 2
-    fi
-    stamp "installing the carried wheels from $WHEELS_DIR into /tmp/fastenc-site"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastenc-site \
-        "$WHEELS_DIR"/*.whl || exit 1
-    export PYTHONPATH="$PYTHONPATH:/tmp/fastenc-site"
-    "$PY" -c "import deepspeed, webdataset, open_clip" || exit 1
-fi
+# shellcheck source=benchmarks/gpu_wheels.sh
+source benchmarks/gpu_wheels.sh
+ensure_wheels gpu_train_step.sh "deepspeed, webdataset, braceexpand, open_clip"
 "$PY" - <<'EOF'
 import torch, deepspeed
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "deepspeed", deepspeed.__version__)

@@ -48,19 +48,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "gpu_vlm_step.sh: no CUDA device here; run with --tiny for the CPU check" >&2
     exit 2
 fi
-if ! "$PY" -c "import deepspeed" 2>/dev/null; then
-    if ! ls "$WHEELS_DIR"/deepspeed-*.whl >/dev/null 2>&1; then
-        echo "gpu_vlm_step.sh: deepspeed does not import and $WHEELS_DIR holds no wheels: run" \
-             "'bash benchmarks/gpu_train_step.sh --fetch-wheels' on a machine with network access and carry" \
-             "$WHEELS_DIR along" >&2
-        exit 2
-    fi
-    stamp "installing the carried wheels from $WHEELS_DIR into /tmp/fastenc-site"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastenc-site \
-        "$WHEELS_DIR"/*.whl || exit 1
-    export PYTHONPATH="$PYTHONPATH:/tmp/fastenc-site"
-fi
-"$PY" -c "import deepspeed, transformers, tokenizers, safetensors" || exit 1
+# shellcheck source=benchmarks/gpu_wheels.sh
+source benchmarks/gpu_wheels.sh
+ensure_wheels gpu_vlm_step.sh "deepspeed, transformers, tokenizers, safetensors"
 [[ -n "${FASTENC_GIT_REV:-}" ]] || stamp "FASTENC_GIT_REV is unset: the rows record this copy's .git revision"
 "$PY" - <<'EOF'
 import torch, deepspeed, transformers

@@ -377,6 +377,26 @@ def plot_from_csv(csv_path: str, out_path: str, panels: list[dict], where: Calla
     return out_path
 
 
+def run_json_subprocess(cmd: Sequence[str], result_path: str, timeout: float) -> dict:
+    """Run one measurement in its own process (`cmd` writes its result as JSON to result_path) and return that
+    result, or {"error": ...} with the exit status and the output's tail (printed) when it failed or timed out."""
+    import json
+    import subprocess
+
+    try:
+        proc = subprocess.run(list(cmd), timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            out = json.load(f)
+    else:
+        out = {"error": f"exit {proc.returncode}: {proc.stdout[-400:]}"}
+    if "error" in out:
+        print(proc.stdout[-3000:], flush=True)
+    return out
+
+
 def print_table(rows: list[dict], cols: Sequence[str], file=sys.stdout) -> None:
     """A fixed-width table of selected columns (floats to 4 significant digits)."""
     def fmt(v):

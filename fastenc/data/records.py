@@ -82,11 +82,12 @@ def check_image_folder(table: RecordTable, image_folder: str, probe: int = 100) 
 
 
 def raw_sample(table: RecordTable, i: int, image_folder: str) -> dict:
-    """Record i as a raw sample, like a shard's: {"__key__", "__url__", "json": bytes, <ext>: image bytes}."""
+    """Record i as a raw sample, like a shard's: {"__key__", "__url__", "json": the record, <ext>: image bytes}."""
     data = table[i]
     record = json.loads(data)
+    # The parsed record itself (ConversationSample takes a dict or a shard's bytes): parsed once per sample.
     sample = {"__key__": str(record.get("id", i)) if isinstance(record, dict) else str(i), "__url__": table.path,
-              "json": data}
+              "json": record if isinstance(record, dict) else data}
     image = record.get("image") if isinstance(record, dict) else None
     if image:
         ext = os.path.splitext(image)[1].lower().lstrip(".")
