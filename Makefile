@@ -19,7 +19,7 @@ $(STAMP): setup.py .ci/constraints.txt $(wildcard csrc/*.cpp)
 	$(PIP) install -q -c .ci/constraints.txt torch torchvision
 	$(PIP) install -q -c .ci/constraints.txt deepspeed timm sentencepiece webdataset safetensors \
 	    pyyaml tqdm tensorboard matplotlib pillow numpy ninja pytest pytest-timeout open_clip_torch \
-	    nvidia-dali-cuda130 numba scikit_image transformers
+	    nvidia-dali-cuda130 numba scikit_image transformers pyarrow
 	@# The native extension is built in place first: setuptools >= 80 turns `pip install -e .` of a setup.py project
 	@# into an isolated PEP 660 build that cannot see torch, so the editable install alone would skip fastenc._C.
 	$(VPY) setup.py -q build_ext --inplace

@@ -12,6 +12,8 @@
     fastenc eval [suite] RUN_DIR... --suite SUITE --out DIR   every protocol of an eval suite on every run:
                                          report.md, results.json, PNGs (configs/cpu/eval_synth.yaml; launch/evaluate.py)
     fastenc eval knn --encoder ENCODER.safetensors|RUN_DIR --train-shards S --val-shards S [--label category_id]
+    fastenc eval vqa RUN_DIR... --benchmark FILE --out DIR [--images DIR] [--mode likelihood|generate|both]
+                                         [--limit N] [--by COLUMN] [--bootstrap 1000]   multiple-choice VQA accuracy
     fastenc data synth-llava --out DIR [--num-samples N] [--num-heldout M]
     fastenc chat RUN_DIR --image IMG "question"  |  fastenc chat RUN_DIR --score RECORDS.json --images DIR
     fastenc plot METRICS_OR_RUN_DIR ... --out loss.png
@@ -70,6 +72,8 @@ COMMANDS = (
             "every run (the default: `fastenc eval RUN_DIR... --suite S --out D`)"),
     Command("eval knn", evaluate.run_knn, evaluate.add_knn_args, "weighted k-NN accuracy of frozen features (DINO's "
             "protocol)"),
+    Command("eval vqa", evaluate.run_eval_vqa, evaluate.add_eval_vqa_args, "multiple-choice VQA accuracy of "
+            "vision-language runs on a benchmark in VMCBench's format (.parquet, .tsv, .jsonl, .json)"),
     Command("chat", chat.run_chat, chat.add_chat_args, "ask a trained vision-language run about an image (greedy), "
             "or --score its answers on records"),
     Command("plot", evaluate.run_plot, evaluate.add_plot_args, "loss curves of several runs on one figure"),
@@ -82,7 +86,7 @@ GROUPS = {
     "tokenizer": ("tokenizer tools", None),
     "config": ("config tools", None),
     "study": ("controlled comparisons of several objectives", None),
-    "eval": ("evaluate encoders: `fastenc eval RUN_DIR... --suite S --out D`, or `eval knn`", "suite"),
+    "eval": ("evaluate encoders: `fastenc eval RUN_DIR... --suite S --out D`, or `eval knn`, `eval vqa`", "suite"),
 }
 """Command groups: {first word: (help, the subcommand that runs when the next word names none)}."""
 

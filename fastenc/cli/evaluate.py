@@ -1,4 +1,5 @@
-"""`fastenc eval [suite] RUN_DIR... --suite SUITE --out DIR`, `fastenc eval knn ...` and `fastenc plot ...`."""
+"""`fastenc eval [suite] RUN_DIR... --suite SUITE --out DIR`, `fastenc eval knn ...`, `fastenc eval vqa ...` and
+`fastenc plot ...`."""
 
 from __future__ import annotations
 
@@ -40,6 +41,52 @@ def run_eval_suite(args: argparse.Namespace) -> int:
         print(f"fastenc eval: {e}", file=sys.stderr)
         return 2
     print(f"fastenc eval: {len(results['runs'])} run(s), {len(results['protocols'])} protocol(s) -> "
+          f"{os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+def add_eval_vqa_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished vision-language (llava) run dirs, each "
+                   "optionally NAME=RUN_DIR")
+    p.add_argument("--benchmark", required=True, metavar="FILE", help="multiple-choice items in VMCBench's format: "
+                   ".parquet (the Hugging Face release), .tsv (VLMEvalKit's), .jsonl or .json (fastenc's)")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="folder the items' image paths are relative to (default: the benchmark file's folder)")
+    p.add_argument("--out", required=True, help="output dir: report.md, results.json, predictions-<run>.jsonl")
+    p.add_argument("--mode", default="likelihood", choices=("likelihood", "generate", "both"),
+                   help="likelihood: the option letter the run finds most likely as its answer (default); generate: "
+                   "its greedy answer, parsed to a letter")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items")
+    p.add_argument("--by", action="append", default=[], metavar="COLUMN",
+                   help="also tabulate accuracy per value of this extra column (e.g. type); repeatable")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode: the answer's token budget")
+    p.add_argument("--device", default=None, help="where the runs run (default: cuda when available, else cpu)")
+
+
+def run_eval_vqa(args: argparse.Namespace) -> int:
+    """Multiple-choice VQA accuracy of vision-language runs (fastenc.eval.vqa): report.md, results.json,
+    predictions; exit 2 on bad input (a benchmark it cannot read, a run that is not a vision-language run)."""
+    from fastenc.eval.features import EvalDataError
+    from fastenc.eval.vqa import run_vqa
+    from fastenc.utils.optional import cuda_available
+
+    device = args.device or ("cuda" if cuda_available() else "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        results = run_vqa(args.runs, args.benchmark, args.out, images=args.images, mode=args.mode, limit=args.limit,
+                          by=args.by, bootstrap=args.bootstrap, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                          device=device, command=getattr(args, "command", None))
+    except EvalDataError as e:
+        print(f"fastenc eval vqa: {e}", file=sys.stderr)
+        return 2
+    for run, by_mode in results["results"].items():
+        for mode, summary in by_mode.items():
+            overall = summary["overall"]
+            print(f"{run} ({mode}): {100 * overall['accuracy']:.1f}% of {overall['n']} (chance "
+                  f"{100 * overall['chance']:.1f}%)")
+    print(f"fastenc eval vqa: {len(results['runs'])} run(s), {results['num_items']} item(s) -> "
           f"{os.path.join(args.out, 'report.md')}")
     return 0
 

@@ -3,6 +3,8 @@
     vlm = load_vlm("runs/llava_tiny_stage2")                   # fastenc.run.weights
     answer(vlm, "photo.jpg", "What color is the shape?")      # -> "red"
     score_records(vlm, "data/synth_llava/heldout.json", "data/synth_llava")   # exact-match accuracy per question
+
+Multiple-choice benchmarks (VMCBench's format) are fastenc.eval.vqa's, which shares `image_pixels` and `answer`.
 """
 
 from __future__ import annotations
@@ -16,18 +18,31 @@ import torch
 from fastenc.data.transforms import decode_image
 
 
-def answer(vlm, image, question: str, *, max_new_tokens: int = 32) -> str:
-    """The run's greedy answer to `question` about `image` (a path, bytes, or a PIL image; None: text only)."""
+def image_pixels(vlm, image) -> torch.Tensor | None:
+    """`image` (a path, encoded bytes, or a PIL image; None: no image) -> the run's eval transform of it, [1, 3, S,
+    S] on the model's device (and in its dtype), or None. CorruptSample for bytes that do not decode."""
+    if image is None:
+        return None
     if isinstance(image, str):
         with open(image, "rb") as f:
             image = f.read()
     if isinstance(image, (bytes, bytearray)):
         image = decode_image(bytes(image))
-    pixels = None if image is None else vlm.image_transform(image).unsqueeze(0)
+    weight = next(vlm.model.parameters())
+    return vlm.image_transform(image).unsqueeze(0).to(weight.device, weight.dtype)
+
+
+def answer(vlm, image, question: str, *, max_new_tokens: int = 32) -> str:
+    """The run's greedy answer to `question` about `image` (a path, bytes, or a PIL image; None: text only)."""
+    pixels = image_pixels(vlm, image)
     ids = vlm.conversations.prompt(question, has_image=pixels is not None)
-    new = vlm.model.generate(torch.tensor([ids]), pixels, max_new_tokens=max_new_tokens,
+    new = vlm.model.generate(torch.tensor([ids], device=_device(vlm)), pixels, max_new_tokens=max_new_tokens,
                              eos_token_id=vlm.tokenizer.eos_token_id)
     return vlm.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def _device(vlm) -> torch.device:
+    return next(vlm.model.parameters()).device
 
 
 def score_records(vlm, records_path: str, image_folder: str, *, limit: int | None = None) -> dict:

@@ -16,20 +16,24 @@ A suite (configs/cpu/eval_synth.yaml, configs/paper/eval_imagenet.yaml) names it
       pairs:        {dataset: val, a: clip, b: dino, attributes: [category_id, color_id], num_pairs: 1000000}
       loss_curves:  {}
       zero_shot.color: {dataset: val, label: color_id, class_names: [red, blue], templates: ["a {} shape"]}
+      vqa:          {benchmark: data/synth_vqa/test.jsonl, mode: likelihood, by: [type]}   # vision-language runs
 
 A protocol entry named TYPE.TAG (zero_shot.color above) is another instance of protocol TYPE with its own arguments.
 Sources are run dirs, encoder .safetensors files, or init:RUN_DIR (the run's weights before step 1); each may be
 prefixed NAME= to name it (default: the config's run.name, or the file name). Protocols that do not apply to a run
 (zero-shot and retrieval for an encoder without a text tower, pairs without both named runs, a label without
-samples) are recorded as skipped with the reason, not dropped. A protocol that fails (bad arguments, data it
-cannot use) is recorded with its error, the others still run, and after report.md is written the command fails
-naming it. Dataset paths are checked before any feature is extracted.
+samples, vqa for a run that is not a vision-language run) are recorded as skipped with the reason, not dropped.
+`vqa` scores the vision-language (llava) runs on a multiple-choice benchmark file in VMCBench's format
+(fastenc.eval.vqa: .parquet, .tsv, .jsonl, .json; args benchmark, images, mode likelihood|generate|both, limit, by,
+bootstrap, seed, max_new_tokens); their encoders get the other protocols like any run's. A protocol that fails (bad
+arguments, data it cannot use) is recorded with its error, the others still run, and after report.md is written the
+command fails naming it. Dataset paths and benchmark files are checked before any feature is extracted.
 
 Features are extracted as `features:` says, unnormalized unless it sets normalize: true: the linear probe
 standardizes them with train statistics (the paper's protocol), k-NN and pairs compare cosines (normalizing
 themselves). Outputs: DIR/results.json (every number; NaN written as null), DIR/report.md (tables + figures),
-DIR/*.png, DIR/<pairs protocol>/. Paths inside the suite are relative to the directory `fastenc eval` runs from
-(like the recipes' data paths).
+DIR/*.png, DIR/<pairs protocol>/, DIR/<vqa protocol>/predictions-<run>.jsonl. Paths inside the suite are relative
+to the directory `fastenc eval` runs from (like the recipes' data paths).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("knn", "linear_probe", "zero_shot", "retrieval", "pairs", "loss_curves")
+PROTOCOLS = ("knn", "linear_probe", "zero_shot", "retrieval", "pairs", "loss_curves", "vqa")
 _DATASET_KEYS = {"folder", "shards", "labels", "captions", "classes_file", "max_samples"}
 _ARGS = {  # protocol -> (required arguments, optional ones)
     "knn": ({"train", "test"}, {"labels", "k", "temperature"}),
@@ -58,6 +62,7 @@ _ARGS = {  # protocol -> (required arguments, optional ones)
     "pairs": ({"dataset"}, {"a", "b", "attributes", "num_pairs", "thresholds", "seed", "max_pairs", "mode",
                             "unique", "cell", "columns"}),
     "loss_curves": (set(), {"x"}),
+    "vqa": ({"benchmark"}, {"images", "mode", "limit", "by", "bootstrap", "seed", "max_new_tokens"}),
 }
 
 
@@ -346,6 +351,9 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
     suite = load_suite(suite_path)
     for name in suite.get("datasets") or {}:
         _dataset(suite, name)  # every path checked before hours of extraction
+    for proto, args in (suite.get("protocols") or {}).items():
+        if protocol_type(proto) == "vqa" and not os.path.isfile(str(args["benchmark"])):
+            raise EvalDataError(f"protocol {proto}: benchmark file {args['benchmark']!r} not found")
     runs = []
     for source in sources:
         name, src = _parse_source(source)
@@ -373,6 +381,10 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
                 res = run_pairs(runs, args, F, os.path.join(out_dir, proto))  # pairs.json, sharing.md, PNGs
             elif kind == "loss_curves":
                 res = run_loss_curves(runs, args, out_dir)
+            elif kind == "vqa":
+                from fastenc.eval.vqa import suite_protocol
+
+                res = suite_protocol(runs, args, os.path.join(out_dir, proto), device)
             else:
                 res = {"knn": run_knn, "linear_probe": run_linear_probe, "zero_shot": run_zero_shot,
                        "retrieval": run_retrieval}[kind](runs, args, F)
@@ -490,6 +502,12 @@ def render_report(results: dict, out_dir: str = ".") -> str:
                     lines.append(f"| {run} | " + " | ".join(_fmt(r.get(k, "-")) for k in keys) + " |")
         elif kind == "loss_curves":
             lines.append(f"![loss curves]({res['png']})" if "png" in res else f"skipped: {res.get('skipped')}")
+        elif kind == "vqa":
+            from fastenc.eval.vqa import render_tables
+
+            lines.append(f"multiple-choice accuracy on `{entry['args']['benchmark']}` (fastenc.eval.vqa; "
+                         f"predictions in {proto}/)")
+            lines += render_tables(res)
         elif kind == "pairs":
             if "skipped" in res:
                 lines.append(f"skipped: {res['skipped']}")
