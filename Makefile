@@ -46,22 +46,20 @@ test-all: setup
 bench: setup
 	$(VPY) benchmarks/bench_train_step.py --config configs/cpu/clip_tiny.yaml
 
-# The CPU study and its evaluation report (benchmarks/results/eval_synth): about an hour on 2 cores. Rerunning it
-# skips the runs already trained (and resumes interrupted ones); the eval reads cached features.
+# The whole CPU study in one command (configs/cpu/study.yaml): held-out data, CLIP, SigLIP and DINO encoders, one
+# LLaVA-style VLM per encoder, then every encoder and VLM evaluated into eval/cpu_study/report.md. Rerunning it skips
+# the runs already trained, resumes interrupted ones and reuses finished evaluations.
 study-cpu: setup
-	test -f data/synth_eval/manifest.json || $(VENV)/bin/fastenc data synth --out data/synth_eval --num-samples 6000 --seed 1
 	$(VENV)/bin/fastenc study run configs/cpu/study.yaml
-	$(VENV)/bin/fastenc eval runs/clip_tiny runs/siglip_tiny runs/dino_tiny init:runs/clip_tiny --suite eval_synth \
-	    --out eval/synth --cache-dir eval/feature_cache
 
 # The vision-language stage on the CPU study's CLIP run (trained here if `make study-cpu` has not): synthetic LLaVA
 # data, stage 1, stage 2, then the accuracy on held-out images. Rerunning resumes or skips what is done.
 llava-cpu: setup
 	test -f runs/clip_tiny/export/encoder.safetensors || $(VPY) launch/pretrain.py --config configs/cpu/clip_tiny.yaml --resume
-	test -f data/synth_llava/heldout.json || $(VENV)/bin/fastenc data synth-llava --out data/synth_llava
+	test -f data/synth_vqa/heldout.json || $(VENV)/bin/fastenc data synth-vqa --out data/synth_vqa
 	$(VPY) launch/pretrain.py --config configs/cpu/llava_tiny_stage1.yaml --resume
 	$(VPY) launch/pretrain.py --config configs/cpu/llava_tiny_stage2.yaml --resume
-	$(VENV)/bin/fastenc chat runs/llava_tiny_stage2 --score data/synth_llava/heldout.json --images data/synth_llava
+	$(VENV)/bin/fastenc chat runs/llava_tiny_stage2 --score data/synth_vqa/heldout.json --images data/synth_vqa
 
 clean:
 	rm -rf $(VENV) build *.egg-info

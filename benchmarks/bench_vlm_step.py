@@ -21,7 +21,7 @@ and cycled (--pool distinct batches).
           groups (fastenc.engine.optim, fused), gradient clipping at optim.clip_grad, bf16 autocast when
           --precision bf16, no LR schedule; pad-to-longest batches. Each impl runs in its own process.
 
-Data. Synthetic LLaVA records (fastenc.datatools.synth_llava's images and questions) whose text lengths are
+Data. Synthetic LLaVA records (fastenc.datatools.synth_vqa's images and questions) whose text lengths are
 controlled: each sample's text-token target is drawn uniformly from --text-tokens x [1 - spread, 1 + spread] and
 its conversation gets question/answer turns about its image (color, shape, word, caption) until its length is
 closest to that target. "Text tokens" are every non-image token of the sample (BOS, system prompt, roles, questions,
@@ -161,14 +161,14 @@ def _prepare(a, work: str) -> dict:
     import torch
 
     from fastenc.data.conversation import VICUNA_V1, ConversationEncoder
-    from fastenc.datatools.synth_llava import CAPTION_PROMPTS, write_synthetic_llava
+    from fastenc.datatools.synth_vqa import CAPTION_PROMPTS, write_synthetic_vqa
     from fastenc.models import create_vit
     from fastenc.models.language import IMAGE, train_chat_tokenizer
     from fastenc.utils import atomic
 
     image_size = a.image_size or create_vit(a.model).img_size
     num = a.batch * a.pool
-    paths = write_synthetic_llava(os.path.join(work, "data"), num, num_heldout=0, image_size=image_size, seed=0)
+    paths = write_synthetic_vqa(os.path.join(work, "data"), num, num_heldout=0, image_size=image_size, seed=0)
     with open(paths["instruct"]) as f:
         instruct = json.load(f)
     with open(paths["captions"]) as f:

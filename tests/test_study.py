@@ -176,3 +176,106 @@ def test_study_run_skips_finished_runs_resumes_interrupted_ones_and_refuses_stra
     assert main(["study", "run", str(study)]) == 1
     err = capsys.readouterr().err
     assert "holds a run of another config (differs in: optim.lr)" in err and not launched
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision-language runs in a study
+
+
+def _vlm_study(tmp_path, evaluation=""):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nruns: [{CPU}/clip_tiny.yaml, {CPU}/dino_tiny.yaml]\n"
+                     f"overrides: [run.output_dir={tmp_path / 'runs'}]\n"
+                     f"vlm:\n  stages: [{CPU}/llava_tiny_stage1.yaml, {CPU}/llava_tiny_stage2.yaml]\n"
+                     f"  overrides: [run.output_dir={tmp_path / 'runs'}]\n" + evaluation)
+    return str(study)
+
+
+def test_study_builds_one_vlm_per_encoder_that_differ_only_in_the_vision_tower(tmp_path, capsys):
+    study = load_study(_vlm_study(tmp_path))
+    assert [[r.name for r in stage] for stage in study.vlm_stages] == [
+        ["llava_tiny_stage1-clip_tiny", "llava_tiny_stage1-dino_tiny"],
+        ["llava_tiny_stage2-clip_tiny", "llava_tiny_stage2-dino_tiny"]]
+    s1, s2 = study.vlm_stages
+    runs = tmp_path / "runs"
+    assert s1[1].config.objective.vision.source == str(runs / "dino_tiny") and s1[1].encoder == "dino_tiny"
+    assert s2[1].config.objective.init_from == str(runs / "llava_tiny_stage1-dino_tiny")
+    assert s2[0].config.objective.vision.source == str(runs / "clip_tiny")
+    assert main(["study", "check", _vlm_study(tmp_path)]) == 0
+    assert "VLM stage 2" in capsys.readouterr().out
+    # the VLM comparison allows the vision tower to differ, and nothing else of the objective
+    from fastenc.run.fingerprint import VISION_TOWER, check_controlled
+
+    a = s1[0].config
+    b = load_config(s1[1].recipe, [*s1[1].overrides, "objective.lm.preset=llama_small"])
+    assert check_controlled([a, s1[1].config], ["a", "b"], varying=VISION_TOWER) == []
+    problems = check_controlled([a, b], ["a", "b"], varying=VISION_TOWER)
+    assert len(problems) == 1 and "objective.lm.preset" in problems[0]
+    assert check_controlled([a, b], ["a", "b"]) == []  # as encoder runs they would count as controlled
+
+
+def test_vlm_stage_must_train_a_vision_language_objective(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"runs: [{CPU}/clip_tiny.yaml, {CPU}/dino_tiny.yaml]\nvlm:\n  stages: [{CPU}/siglip_tiny.yaml]\n")
+    with pytest.raises(ConfigError, match="a VLM stage trains a vision-language objective"):
+        load_study(str(study))
+    study.write_text(f"runs: [{CPU}/clip_tiny.yaml, {CPU}/dino_tiny.yaml]\neval: {{vqa: {{benchmark: b.jsonl}}, "
+                     "out: e}\n")
+    with pytest.raises(ConfigError, match="no `vlm` stages"):
+        load_study(str(study))
+    study.write_text(f"runs: [{CPU}/clip_tiny.yaml, {CPU}/dino_tiny.yaml]\nvlm: {{stage: [a.yaml]}}\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['stage'\\] in `vlm`"):
+        load_study(str(study))
+
+
+def test_study_run_prepares_trains_encoders_then_vlm_stages_and_skips_done_ones(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    import fastenc.cli
+
+    monkeypatch.chdir(tmp_path)
+    path = _vlm_study(tmp_path, "prepare:\n  made.txt: data synth-vqa --out somewhere\n")
+    launched, prepared = [], []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    monkeypatch.setattr(fastenc.cli, "main", lambda argv: prepared.append(argv) or (tmp_path / "made.txt").touch() or 0)
+    assert main(["study", "run", path]) == 0
+    assert prepared == [["data", "synth-vqa", "--out", "somewhere"]]
+    names = [cmd[cmd.index("--config") + 1].rsplit("/", 1)[1] for cmd in launched]
+    assert names == ["clip_tiny.yaml", "dino_tiny.yaml", "llava_tiny_stage1.yaml", "llava_tiny_stage1.yaml",
+                     "llava_tiny_stage2.yaml", "llava_tiny_stage2.yaml"]
+    assert f"objective.init_from={tmp_path / 'runs' / 'llava_tiny_stage1-dino_tiny'}" in launched[5]
+    # a second run: the prepared file exists, and a finished VLM run is skipped
+    study = load_study(path)
+    done = study.vlm_stages[0][0]
+    os.makedirs(tmp_path / "runs" / done.name)
+    (tmp_path / "runs" / done.name / "config.yaml").write_text(config_to_yaml(done.config))
+    with open(tmp_path / "runs" / done.name / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": done.config.schedule.steps, "loss": 1.0}) + "\n")
+    (tmp_path / "runs" / done.name / "export").mkdir()
+    (tmp_path / "runs" / done.name / "export" / "encoder.safetensors").write_bytes(b"")
+    launched.clear()
+    prepared.clear()
+    capsys.readouterr()
+    assert main(["study", "run", path]) == 0
+    assert not prepared and len(launched) == 5 and all(f"run.name={done.name}" not in c for c in launched)
+    assert f"{done.name}: {tmp_path / 'runs' / done.name} is trained" in capsys.readouterr().out
+
+
+def test_study_report_joins_the_encoder_and_vlm_reports(tmp_path):
+    from fastenc.study import record_timing, render_study_report
+
+    study = load_study(_vlm_study(tmp_path, f"eval: {{out: {tmp_path / 'ev'}, suite: eval_synth.yaml, vqa: "
+                                            "{benchmark: b.jsonl}}\n"))
+    for folder, body in (("encoders", "# Evaluation\n\n![a](attributes.png)\n\n## knn\n\n| x |\n"),
+                         ("vlm", "# VQA\n\n## overall\n\n| clip_tiny | 50.0 |\n")):
+        os.makedirs(tmp_path / "ev" / folder)
+        (tmp_path / "ev" / folder / "report.md").write_text(body)
+    record_timing(study, "clip_tiny", 60.0)
+    record_timing(study, "clip_tiny", 30.0)  # a resumed run adds up
+    record_timing(study, "eval", 120.0)
+    text = render_study_report(study, [("Encoders", "encoders"), ("VLMs", "vlm")])
+    assert "| clip_tiny | clip |  | 300 | 1.5 min |" in text
+    assert "| llava_tiny_stage2-dino_tiny | llava stage 2 | dino_tiny | 200 | not recorded |" in text
+    assert "Recorded wall time in all: 3.5 min (eval 2.0 min)" in text
+    assert "![a](encoders/attributes.png)" in text and "\n### knn\n" in text and "\n### overall\n" in text
+    assert "# Evaluation" not in text

@@ -14,7 +14,7 @@
     fastenc eval knn --encoder ENCODER.safetensors|RUN_DIR --train-shards S --val-shards S [--label category_id]
     fastenc eval vqa RUN_DIR... --benchmark FILE --out DIR [--images DIR] [--mode likelihood|generate|both]
                                          [--limit N] [--by COLUMN] [--bootstrap 1000]   multiple-choice VQA accuracy
-    fastenc data synth-llava --out DIR [--num-samples N] [--num-heldout M]
+    fastenc data synth-vqa --out DIR [--num-samples N] [--num-heldout M] [--mc-fraction 0.5]
     fastenc chat RUN_DIR --image IMG "question"  |  fastenc chat RUN_DIR --score RECORDS.json --images DIR
     fastenc plot METRICS_OR_RUN_DIR ... --out loss.png
     fastenc objectives | fastenc models
@@ -51,8 +51,8 @@ COMMANDS = (
             "launch/pretrain.py)"),
     Command("data synth", data.run_synth, data.add_synth_args, "write synthetic webdataset shards for the toy-scale "
             "study"),
-    Command("data synth-llava", data.run_synth_llava, data.add_synth_llava_args, "write synthetic LLaVA-format "
-            "conversations (image folder + captions/instruct/heldout JSON) for the CPU vision-language recipes"),
+    Command("data synth-vqa", data.run_synth_vqa, data.add_synth_vqa_args, "synthetic vision-language data: "
+            "LLaVA-format captions/instruct/heldout JSON for the CPU VLM recipes + a VMCBench-format benchmark.jsonl"),
     Command("data ingest", data.run_ingest, data.add_ingest_args, "image folder or img2dataset output -> validated "
             "shards + indexes", data.INGEST_HELP),
     Command("data index", data.run_index, data.add_index_args, "build missing or stale DALI index files (fastenc's "

@@ -50,19 +50,23 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_synth_llava_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder for images/, captions.json, instruct.json, heldout.json")
+def add_synth_vqa_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True,
+                   help="folder for images/, captions.json, instruct.json, heldout.json, benchmark.jsonl")
     p.add_argument("--num-samples", type=int, default=6000, help="training images (both stages use them)")
-    p.add_argument("--num-heldout", type=int, default=200, help="images no stage trains on (for `fastenc chat`)")
+    p.add_argument("--num-heldout", type=int, default=300,
+                   help="images no stage trains on: heldout.json and benchmark.jsonl ask about them")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mc-fraction", type=float, default=0.5,
+                   help="share of stage-2 questions asked as multiple choice (the benchmark's prompt, a letter)")
 
 
-def run_synth_llava(args: argparse.Namespace) -> int:
-    from fastenc.datatools.synth_llava import write_synthetic_llava
+def run_synth_vqa(args: argparse.Namespace) -> int:
+    from fastenc.datatools.synth_vqa import write_synthetic_vqa
 
-    paths = write_synthetic_llava(args.out, args.num_samples, num_heldout=args.num_heldout,
-                                  image_size=args.image_size, seed=args.seed)
+    paths = write_synthetic_vqa(args.out, args.num_samples, num_heldout=args.num_heldout,
+                                image_size=args.image_size, seed=args.seed, mc_fraction=args.mc_fraction)
     print(f"wrote {args.num_samples} + {args.num_heldout} images to {args.out}/images and " + ", ".join(paths.values()))
     return 0
 

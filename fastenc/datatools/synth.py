@@ -32,7 +32,7 @@ COLORS = {
 }
 COLOR_NAMES = tuple(COLORS)
 STYLES = ("plain", "stripes", "checker", "dots", "gradient", "noise")
-_STYLE_ADJECTIVES = {"plain": "plain", "stripes": "striped", "checker": "checkered", "dots": "dotted",
+STYLE_ADJECTIVES = {"plain": "plain", "stripes": "striped", "checker": "checkered", "dots": "dotted",
                      "gradient": "gradient", "noise": "noisy"}
 # Short, distinct from every category and color name, so captions stay unambiguous.
 WORDS = ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "book", "cake", "door",
@@ -55,6 +55,10 @@ CAPTIONS_WITH_WORD = (
     '{obj} that says "{word}"',
     'a picture of {obj} with "{word}" written on it',
 )
+
+# The world's geometry, as knobs (benchmarks/shape_ceiling.py calibrates them).
+KNOBS = {"radius": (0.22, 0.34), "center_jitter": 1.0, "max_rotation": 180.0, "pattern_contrast": (35, 255),
+         "word_scale": (0.15, 0.2), "word_probability": 0.5}
 
 _SUPERSAMPLE = 2  # draw at 2x and box-filter down: Pillow's polygon fill has no anti-aliasing
 
@@ -108,8 +112,11 @@ def _background(rng: np.random.Generator, style: str, size: int) -> np.ndarray:
     """uint8 [size, size, 3]: muted, low-saturation tones so the object's named color stands out."""
     a = np.clip(rng.uniform(70, 185) + rng.uniform(-20, 20, 3), 0, 255).astype(np.float32)
     b = np.clip(rng.uniform(70, 185) + rng.uniform(-20, 20, 3), 0, 255).astype(np.float32)
-    if style != "plain" and np.abs(a - b).mean() < 35:  # keep the pattern visible
+    lo, hi = KNOBS["pattern_contrast"]
+    if style != "plain" and np.abs(a - b).mean() < lo:  # keep the pattern visible
         b = np.clip(a + np.sign(128 - a.mean()) * 50, 0, 255).astype(np.float32)
+    if style != "plain" and np.abs(a - b).mean() > hi:
+        b = a + (b - a) * (hi / np.abs(a - b).mean())
     if style in ("plain", "noise"):
         img = np.broadcast_to(a, (size, size, 3))
         if style == "noise":
@@ -165,21 +172,22 @@ def render_sample(index: int, *, image_size: int = 64, seed: int = 0) -> tuple[I
     category_id = int(rng.integers(len(CATEGORIES)))
     color_id = int(rng.integers(len(COLOR_NAMES)))
     style_id = int(rng.integers(len(STYLES)))
-    word_id = int(rng.integers(len(WORDS))) if rng.random() < 0.5 else -1
+    word_id = int(rng.integers(len(WORDS))) if rng.random() < KNOBS["word_probability"] else -1
     category, color, style = CATEGORIES[category_id], COLOR_NAMES[color_id], STYLES[style_id]
     word = WORDS[word_id] if word_id >= 0 else None
 
     big = image_size * _SUPERSAMPLE
-    radius = rng.uniform(0.22, 0.34) * big
-    cx, cy = rng.uniform(radius, big - radius, 2)  # the whole object stays in the frame
-    angle = rng.uniform(0, 2 * math.pi)
+    radius = rng.uniform(*KNOBS["radius"]) * big
+    # The whole object stays in the frame; center_jitter scales how far from the middle it may sit.
+    cx, cy = big / 2 + KNOBS["center_jitter"] * rng.uniform(-1, 1, 2) * (big / 2 - radius)
+    angle = math.radians(rng.uniform(-KNOBS["max_rotation"], KNOBS["max_rotation"]))
     rgb = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, 3), 0, 255))
 
     # The background is drawn at the final size (it has no edges that need anti-aliasing): 4x fewer pixels.
     img = Image.fromarray(_background(rng, style, image_size)).resize((big, big), Image.Resampling.NEAREST)
     img.paste(rgb, (0, 0, big, big), _object_mask(category, big, cx, cy, radius, angle))
     if word is not None:
-        font = _font(int(rng.uniform(0.15, 0.2) * big))
+        font = _font(int(rng.uniform(*KNOBS["word_scale"]) * big))
         draw = ImageDraw.Draw(img)
         stroke = max(1, big // 64)
         left, top, right, bottom = draw.textbbox((0, 0), word, font=font, stroke_width=stroke)
@@ -194,7 +202,7 @@ def render_sample(index: int, *, image_size: int = 64, seed: int = 0) -> tuple[I
 
     obj = _article(f"{color} {category}" if rng.random() < 0.5 else category)
     if word is None:
-        caption = CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(obj=obj, style=_STYLE_ADJECTIVES[style])
+        caption = CAPTIONS[int(rng.integers(len(CAPTIONS)))].format(obj=obj, style=STYLE_ADJECTIVES[style])
     else:
         caption = CAPTIONS_WITH_WORD[int(rng.integers(len(CAPTIONS_WITH_WORD)))].format(obj=obj, word=word)
     attrs = {

@@ -2,7 +2,7 @@
 
     vlm = load_vlm("runs/llava_tiny_stage2")                   # fastenc.run.weights
     answer(vlm, "photo.jpg", "What color is the shape?")      # -> "red"
-    score_records(vlm, "data/synth_llava/heldout.json", "data/synth_llava")   # exact-match accuracy per question
+    score_records(vlm, "data/synth_vqa/heldout.json", "data/synth_vqa")   # exact-match accuracy per question
 
 Multiple-choice benchmarks (VMCBench's format) are fastenc.eval.vqa's, which shares `image_pixels` and `answer`.
 """

@@ -16,7 +16,7 @@ A suite (configs/cpu/eval_synth.yaml, configs/paper/eval_imagenet.yaml) names it
       pairs:        {dataset: val, a: clip, b: dino, attributes: [category_id, color_id], num_pairs: 1000000}
       loss_curves:  {}
       zero_shot.color: {dataset: val, label: color_id, class_names: [red, blue], templates: ["a {} shape"]}
-      vqa:          {benchmark: data/synth_vqa/test.jsonl, mode: likelihood, by: [type]}   # vision-language runs
+      vqa:          {benchmark: data/synth_vqa/benchmark.jsonl, mode: likelihood, by: [type]}   # vision-language runs
 
 A protocol entry named TYPE.TAG (zero_shot.color above) is another instance of protocol TYPE with its own arguments.
 Sources are run dirs, encoder .safetensors files, or init:RUN_DIR (the run's weights before step 1); each may be

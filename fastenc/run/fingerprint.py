@@ -26,6 +26,9 @@ NOT_TRAINING = (
     "engine.keep_checkpoints", "engine.tensorboard", "engine.detailed_timing",
 )
 OBJECTIVE = "objective."
+# What may differ between the vision-language runs of one study stage: the vision tower they are built on (and the
+# previous stage's run of that tower, which stage 2 starts from). The LM, projector, data and recipe may not.
+VISION_TOWER = ("objective.vision.source", "objective.init_from")
 
 
 def flatten(d, prefix: str = "") -> dict:
@@ -40,8 +43,16 @@ def flatten(d, prefix: str = "") -> dict:
     return out
 
 
-def _ignored(key: str) -> bool:
-    return key.startswith(OBJECTIVE) or key == "objective" or key in NOT_TRAINING
+def _may_vary(varying: tuple) -> callable:
+    """The predicate "key may differ between controlled configs": the NOT_TRAINING keys and the `varying` keys
+    (dotted; one ending in "." is a section prefix, and a section's own key counts too)."""
+    def may_vary(key: str) -> bool:
+        return key in NOT_TRAINING or any(key == v or (v.endswith(".") and (key.startswith(v) or key == v[:-1]))
+                                          for v in varying)
+    return may_vary
+
+
+_ignored = _may_vary((OBJECTIVE,))  # what the fingerprint leaves out
 
 
 def controlled_part(cfg: Config) -> dict:
@@ -85,22 +96,26 @@ class Diff:
 _MISSING = "<absent>"
 
 
-def diff_configs(a: Config, b: Config) -> Diff:
+def diff_configs(a: Config, b: Config, *, varying: tuple = (OBJECTIVE,)) -> Diff:
+    """Every key where a and b differ; those outside `varying` (default: the objective section) and NOT_TRAINING
+    are uncontrolled. varying=VISION_TOWER compares the vision-language runs of one stage."""
     fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
+    may_vary = _may_vary(varying)
     out = Diff()
     for key in sorted(set(fa) | set(fb)):
         va, vb = fa.get(key, _MISSING), fb.get(key, _MISSING)
         if va != vb:
             out.differences.append((key, va, vb))
-            if not _ignored(key):
+            if not may_vary(key):
                 out.uncontrolled.append((key, va, vb))
     return out
 
 
 def format_diff(diff: Diff, name_a: str, name_b: str) -> str:
     lines = [f"--- {name_a}", f"+++ {name_b}"]
+    uncontrolled = {key for key, _, _ in diff.uncontrolled}
     for key, va, vb in diff.differences:
-        mark = "!" if not _ignored(key) else " "
+        mark = "!" if key in uncontrolled else " "
         lines.append(f"{mark} {key}: {va!r} -> {vb!r}")
     if not diff.differences:
         lines.append("  (identical)")
@@ -113,11 +128,11 @@ def format_diff(diff: Diff, name_a: str, name_b: str) -> str:
     return "\n".join(lines)
 
 
-def check_controlled(configs: list[Config], labels: list[str]) -> list[str]:
+def check_controlled(configs: list[Config], labels: list[str], *, varying: tuple = (OBJECTIVE,)) -> list[str]:
     """Problems (empty if every config is controlled against the first): one line per offending pair."""
     problems = []
     for cfg, label in zip(configs[1:], labels[1:]):
-        d = diff_configs(configs[0], cfg)
+        d = diff_configs(configs[0], cfg, varying=varying)
         if not d.controlled:
             keys = ", ".join(f"{k} ({va!r} vs {vb!r})" for k, va, vb in d.uncontrolled)
             problems.append(f"{labels[0]} vs {label}: {keys}")

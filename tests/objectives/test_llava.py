@@ -1,6 +1,6 @@
 """Acceptance tests of `objective: llava` (fastenc.objectives.llava): LLaVA's two stages on fastenc's engine.
 
-A tiny setup made once per module: the synthetic LLaVA data (fastenc.datatools.synth_llava, 32 px images), a
+A tiny setup made once per module: the synthetic LLaVA data (fastenc.datatools.synth_vqa, 32 px images), a
 `vit_test` encoder exported as a .safetensors, and a 2-layer Llama of width 64 with a BPE tokenizer fitted on the
 conversations, saved as a Hugging Face directory. The recipes are configs/cpu/llava_tiny_stage{1,2}.yaml.
 
@@ -43,13 +43,13 @@ def assets(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastenc.data.conversation import VICUNA_V1
-    from fastenc.datatools.synth_llava import write_synthetic_llava
+    from fastenc.datatools.synth_vqa import write_synthetic_vqa
     from fastenc.models import create_vit
     from fastenc.models.language import save_lm, train_chat_tokenizer
 
     root = tmp_path_factory.mktemp("llava")
     data = root / "data"
-    paths = write_synthetic_llava(str(data), 96, num_heldout=8, image_size=32)
+    paths = write_synthetic_vqa(str(data), 96, num_heldout=8, image_size=32)
     texts = [VICUNA_V1.system, VICUNA_V1.user_prefix, VICUNA_V1.assistant_prefix]
     for key in ("captions", "instruct"):
         with open(paths[key]) as f:
