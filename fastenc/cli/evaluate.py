@@ -28,7 +28,7 @@ def add_eval_suite_args(p: argparse.ArgumentParser) -> None:
 def run_eval_suite(args: argparse.Namespace) -> int:
     """Every protocol of an eval suite on every run: report.md, results.json, PNGs; exit 2 on bad input."""
     from fastenc.eval.features import EvalDataError
-    from fastenc.eval.suite import resolve_suite, run_suite
+    from fastenc.eval.suite import resolve_suite, run_suite, summary_lines
     from fastenc.utils.optional import cuda_available
 
     device = args.device or ("cuda" if cuda_available() else "cpu")
@@ -40,6 +40,8 @@ def run_eval_suite(args: argparse.Namespace) -> int:
     except EvalDataError as e:
         print(f"fastenc eval: {e}", file=sys.stderr)
         return 2
+    for line in summary_lines(results):
+        print(line)
     print(f"fastenc eval: {len(results['runs'])} run(s), {len(results['protocols'])} protocol(s) -> "
           f"{os.path.join(args.out, 'report.md')}")
     return 0

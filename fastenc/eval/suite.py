@@ -520,3 +520,28 @@ def render_report(results: dict, out_dir: str = ".") -> str:
                         lines.append(f"![{key[4:]}]({os.path.relpath(path, out_dir)})")
         lines.append(f"\n({entry['seconds']} s)")
     return "\n".join(lines) + "\n"
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The suite's headline numbers in a few lines a newcomer can read (what `fastenc eval` prints at the end):
+    each zero-shot protocol's top-1 per run against uniform guessing, and each k-NN / linear-probe label per run
+    against always answering the majority class."""
+    lines = []
+    for proto, entry in results["protocols"].items():
+        kind, res = protocol_type(proto), entry.get("results") or {}
+        if kind == "zero_shot":
+            label = entry["args"].get("label", "label")
+            names = entry["args"].get("class_names") or []
+            scores = [f"{run} {r['top1']:.1%}" for run, r in res.items() if isinstance(r, dict) and "top1" in r]
+            if scores:
+                chance = f"1 in {len(names)} = {1 / len(names):.1%}" if names else "n/a"
+                lines.append(f"{proto}: which {label.removesuffix('_id')} is it, by text prompts alone: "
+                             f"{', '.join(scores)} (chance {chance})")
+        elif kind in ("knn", "linear_probe"):
+            majority = entry.get("majority") or {}
+            for label, base in majority.items():
+                scores = [f"{run} {r[label]:.1%}" for run, r in res.items() if isinstance(r, dict)
+                          and isinstance(r.get(label), (int, float))]
+                if scores:
+                    lines.append(f"{proto} {label}: {', '.join(scores)} (majority class {base:.1%})")
+    return lines

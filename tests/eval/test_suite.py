@@ -301,3 +301,17 @@ def test_a_timm_format_checkpoint_without_fastenc_metadata(tiny_data, tmp_path):
     assert 0 <= json.loads((out / "results.json").read_text())["protocols"]["knn"]["results"]["timm"]["color_id"] <= 1
     with pytest.raises(EvalDataError, match="size mismatch|Missing key|Unexpected key"):
         run_suite([str(path)], suite, str(tmp_path / "o3"), model="vit_cpu_patch8_64")
+
+
+def test_summary_lines_state_each_headline_against_chance():
+    from fastenc.eval.suite import summary_lines
+
+    results = {"protocols": {
+        "zero_shot.color": {"args": {"label": "color_id", "class_names": ["red", "blue", "green", "black"]},
+                            "results": {"demo": {"top1": 0.875, "top5": 1.0}, "dino": {"skipped": "no text tower"}}},
+        "knn": {"args": {}, "majority": {"category_id": 0.12},
+                "results": {"demo": {"category_id": 0.5}, "demo@init": {"category_id": 0.11}}},
+        "retrieval": {"args": {}, "results": {"demo": {"i2t": 0.3}}}}}
+    assert summary_lines(results) == [
+        "zero_shot.color: which color is it, by text prompts alone: demo 87.5% (chance 1 in 4 = 25.0%)",
+        "knn category_id: demo 50.0%, demo@init 11.0% (majority class 12.0%)"]
