@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     import torch
 
     from fastenc.config import load_config
-    from fastenc.datatools.synth import write_synthetic_shards
+    from fastenc.datatools.synth import is_stale, write_synthetic_shards
     from fastenc.run.metrics import read_metrics
     from fastenc.run.weights import load_exported_encoder
     from fastenc.objectives import build_objective
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     overrides = [f"data.train_shards={train_shards}", f"schedule.steps={args.steps}", f"run.output_dir={run_root}",
                  "engine.checkpoint_every=0", *args.overrides]
     cfg = load_config(RECIPE, overrides)
-    if not os.path.exists(os.path.join(val_shards, "manifest.json")):
+    if not os.path.exists(os.path.join(val_shards, "manifest.json")) or is_stale(val_shards):
         write_synthetic_shards(val_shards, args.val_samples, image_size=cfg.data.synth.image_size, seed=1)
 
     # (a) the encoder at init: the trainer seeds with run.seed before building the objective, so this is the copy

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     from fastenc.config import load_config
     from fastenc.data.loader import build_loader
-    from fastenc.datatools.synth import write_synthetic_shards
+    from fastenc.datatools.synth import is_stale, write_synthetic_shards
     from fastenc.engine.distributed import DistInfo
     from fastenc.engine.schedules import warmup_cosine
     from fastenc.engine.trainer import prepare_data
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.recipe, [f"data.train_shards={train_shards}", *args.overrides])
     steps = args.steps or cfg.schedule.steps
     prepare_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))  # the trainer's own: generates the recipe's synthetic shards if missing
-    if not os.path.exists(os.path.join(val_shards, "manifest.json")):
+    if not os.path.exists(os.path.join(val_shards, "manifest.json")) or is_stale(val_shards):
         write_synthetic_shards(val_shards, args.val_samples, image_size=cfg.data.synth.image_size, seed=1)
 
     torch.manual_seed(cfg.run.seed)

@@ -12,7 +12,7 @@ are relative to where the command runs, like the recipes' data paths):
       stages: [llava_tiny_stage1.yaml, llava_tiny_stage2.yaml]
       overrides: []                                            # applied to every VLM run
     prepare:                                                   # optional: files made first when missing, each by
-      data/synth_vqa/benchmark.jsonl: data synth-vqa --out data/synth_vqa         # the `fastenc` command after it
+      data/synth_vqa/manifest.json: data synth-vqa --out data/synth_vqa           # the `fastenc` command after it
     eval:                                                      # optional: `fastenc study run` ends with it
       out: eval/cpu_study
       suite: eval_synth.yaml                                   # the encoder runs and init:<first run>
@@ -276,10 +276,24 @@ def recorded_study(study: Study) -> tuple[list, list[str]]:
 
 
 def missing_prepared(study: Study) -> list[tuple[str, list[str]]]:
-    """(path, fastenc argv) of every `prepare` entry whose file does not exist yet, in the study file's order."""
+    """(path, fastenc argv) of every `prepare` entry whose file does not exist yet, or is the manifest.json of a
+    synthetic set drawn by an older world (fastenc.datatools.synth.is_stale), in the study file's order."""
     import shlex
 
-    return [(path, shlex.split(command)) for path, command in study.prepare.items() if not os.path.exists(path)]
+    from fastenc.datatools.synth import is_stale
+
+    def missing(path):
+        return not os.path.exists(path) or (os.path.basename(path) == "manifest.json"
+                                            and is_stale(os.path.dirname(path)))
+
+    return [(path, shlex.split(command)) for path, command in study.prepare.items() if missing(path)]
+
+
+def prepare_command(argv: list[str]) -> list[str]:
+    """The process that runs `fastenc ARGV` with this Python (a `prepare` entry's command)."""
+    import sys
+
+    return [sys.executable, "-c", "import sys; from fastenc.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
 
 
 def timings_path(study: Study) -> str | None:

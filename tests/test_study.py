@@ -231,13 +231,19 @@ def test_vlm_stage_must_train_a_vision_language_objective(tmp_path):
 def test_study_run_prepares_trains_encoders_then_vlm_stages_and_skips_done_ones(tmp_path, capsys, monkeypatch):
     import subprocess
 
-    import fastenc.cli
-
     monkeypatch.chdir(tmp_path)
     path = _vlm_study(tmp_path, "prepare:\n  made.txt: data synth-vqa --out somewhere\n")
     launched, prepared = [], []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: launched.append(cmd) or 0)
-    monkeypatch.setattr(fastenc.cli, "main", lambda argv: prepared.append(argv) or (tmp_path / "made.txt").touch() or 0)
+
+    def call(cmd):
+        if cmd[1] == "-c":  # a prepare command: `fastenc ARGV` in this Python
+            prepared.append(cmd[3:])
+            (tmp_path / "made.txt").touch()
+        else:
+            launched.append(cmd)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", call)
     assert main(["study", "run", path]) == 0
     assert prepared == [["data", "synth-vqa", "--out", "somewhere"]]
     names = [cmd[cmd.index("--config") + 1].rsplit("/", 1)[1] for cmd in launched]
@@ -274,7 +280,7 @@ def test_study_report_joins_the_encoder_and_vlm_reports(tmp_path):
     record_timing(study, "clip_tiny", 30.0)  # a resumed run adds up
     record_timing(study, "eval", 120.0)
     text = render_study_report(study, [("Encoders", "encoders"), ("VLMs", "vlm")])
-    assert "| clip_tiny | clip |  | 300 | 1.5 min |" in text
+    assert "| clip_tiny | clip |  | 600 | 1.5 min |" in text
     assert "| llava_tiny_stage2-dino_tiny | llava stage 2 | dino_tiny | 200 | not recorded |" in text
     assert "Recorded wall time in all: 3.5 min (eval 2.0 min)" in text
     assert "![a](encoders/attributes.png)" in text and "\n### knn\n" in text and "\n### overall\n" in text

@@ -17,7 +17,7 @@ import time
 from fastenc.errors import ConfigError
 from fastenc.run.fingerprint import fingerprint
 from fastenc.study import (Study, check_study, evaluate_study, launch_command, load_study, missing_prepared,
-                           record_timing, recorded_study, run_state)
+                           prepare_command, record_timing, recorded_study, run_state)
 
 
 def add_study_args(p: argparse.ArgumentParser) -> None:
@@ -74,8 +74,6 @@ def run_check(study: Study, args: argparse.Namespace) -> int:
 def run_run(study: Study, args: argparse.Namespace) -> int:
     """Make the study's missing `prepare` files, train every run that is not done yet, in turn (a partial one
     resumes), then evaluate (the study's `eval`)."""
-    from fastenc.cli import main
-
     runs = study.all_runs
     states = [run_state(r.config) for r in runs]
     other = [(r.name, detail) for r, (state, detail) in zip(runs, states) if state == "other"]
@@ -86,7 +84,7 @@ def run_run(study: Study, args: argparse.Namespace) -> int:
     for path, argv in missing_prepared(study):
         print(f"study {study.name}: making {path}: fastenc {shlex.join(argv)}", flush=True)
         t0 = time.perf_counter()
-        rc = main(argv)
+        rc = subprocess.call(prepare_command(argv))
         record_timing(study, "prepare", time.perf_counter() - t0)
         if rc != 0 or not os.path.exists(path):
             print(f"study {study.name}: `fastenc {shlex.join(argv)}` did not make {path} (exit code {rc})",

@@ -27,6 +27,17 @@ IGNORE = -100
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 
+OPTION_LETTERS = ("A", "B", "C", "D")
+MULTIPLE_CHOICE_PROMPT = ("Question: {question}\nOptions:\n{options}\n"
+                          "Answer with the option's letter from the given choices directly.")
+"""The paper's multiple-choice prompt (VMCBench's): what `fastenc eval vqa` asks and synth-vqa trains on."""
+
+
+def multiple_choice_prompt(question: str, options: dict) -> str:
+    """The multiple-choice prompt for {letter: option text} (empty options left out by the caller)."""
+    lines = "\n".join(f"{letter}. {text}" for letter, text in options.items())
+    return MULTIPLE_CHOICE_PROMPT.format(question=question, options=lines)
+
 
 class MisalignedSample(CorruptSample):
     """The labels of a sample cannot be placed on its tokens exactly (a token straddles an answer boundary)."""

@@ -56,9 +56,23 @@ CAPTIONS_WITH_WORD = (
     'a picture of {obj} with "{word}" written on it',
 )
 
-# The world's geometry, as knobs (benchmarks/shape_ceiling.py calibrates them).
-KNOBS = {"radius": (0.22, 0.34), "center_jitter": 1.0, "max_rotation": 180.0, "pattern_contrast": (35, 255),
-         "word_scale": (0.15, 0.2), "word_probability": 0.5}
+# The world's geometry, as knobs. benchmarks/shape_ceiling.py calibrated them (benchmarks/README.md): a shape that
+# fills most of the frame, sits near the middle and stands nearly upright on a calm background is what the CPU
+# recipe's ViT can learn to name within its budget; objects anywhere at any rotation (version 1) it could not.
+KNOBS = {
+    "radius": (0.3, 0.4),              # object radius, fraction of the side
+    "center_jitter": 0.3,              # 0: centered; 1: anywhere the whole object fits
+    "max_rotation": 15.0,              # degrees either way
+    "pattern_contrast": (35, 60),      # mean |a - b| of a patterned background's two tones
+    "word_scale": (0.15, 0.2),         # font size, fraction of the side
+    "word_probability": 0.5,
+    "max_marks": 3,                    # corner diamonds, 0..max_marks (the counting question's answer)
+}
+
+VERSION = 2
+"""The world's version, in every manifest: 1 drew small objects anywhere at any rotation (a ViT could not learn the
+shape category in the CPU budget); 2 draws them larger, near the middle, nearly upright, on calmer backgrounds, with
+0-3 diamonds in the corners to count."""
 
 _SUPERSAMPLE = 2  # draw at 2x and box-filter down: Pillow's polygon fill has no anti-aliasing
 
@@ -198,6 +212,7 @@ def render_sample(index: int, *, image_size: int = 64, seed: int = 0) -> tuple[I
         dark = sum(c * k for c, k in zip(rgb, (0.299, 0.587, 0.114))) > 140
         ink, edge = ((0, 0, 0), (255, 255, 255)) if dark else ((255, 255, 255), (0, 0, 0))
         draw.text((float(x), float(y)), word, font=font, fill=ink, stroke_width=stroke, stroke_fill=edge)
+    num_marks = _draw_marks(img, rng, big)
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
 
     obj = _article(f"{color} {category}" if rng.random() < 0.5 else category)
@@ -211,8 +226,27 @@ def render_sample(index: int, *, image_size: int = 64, seed: int = 0) -> tuple[I
         # Geometry in fractions of the image side, for probes that ask about position or size.
         "center_x": round(float(cx) / big, 4), "center_y": round(float(cy) / big, 4),
         "radius": round(float(radius) / big, 4), "rotation": round(math.degrees(angle), 2),
+        "num_marks": num_marks,
     }
     return img, attrs
+
+
+_CORNERS = ((0.1, 0.1), (0.9, 0.1), (0.1, 0.9), (0.9, 0.9))
+
+
+def _draw_marks(img: Image.Image, rng: np.random.Generator, big: int) -> int:
+    """0 to KNOBS["max_marks"] small diamonds, each in its own corner of the frame (clear of the object; no
+    background pattern has diamonds), black or white against the background there: what a counting question
+    counts. Returns how many."""
+    n = int(rng.integers(KNOBS["max_marks"] + 1))
+    corners = rng.permutation(len(_CORNERS))[:n]
+    draw = ImageDraw.Draw(img)
+    r = 0.06 * big
+    for k in corners:
+        x, y = ((np.array(_CORNERS[k]) + rng.uniform(-0.02, 0.02, 2)) * big).tolist()
+        light = np.asarray(img.getpixel((int(x), int(y))), dtype=np.float32) @ np.array([0.299, 0.587, 0.114]) > 128
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=(15, 15, 15) if light else (245, 245, 245))
+    return n
 
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -277,7 +311,7 @@ def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, s
     bar.close()
 
     manifest = {  # "fastenc.data.synth": the manifest format's name, as earlier versions wrote it
-        "generator": "fastenc.data.synth", "version": 1,
+        "generator": "fastenc.data.synth", **world_manifest(),
         "num_samples": num_samples, "num_shards": num_shards, "samples_per_shard": samples_per_shard,
         "shards": shards, "image_size": image_size, "seed": seed,
         "categories": list(CATEGORIES), "colors": list(COLOR_NAMES), "styles": list(STYLES), "words": list(WORDS),
@@ -285,6 +319,27 @@ def write_synthetic_shards(out_dir, num_samples: int, *, image_size: int = 64, s
     atomic.write_json(os.path.join(out_dir, "manifest.json"), manifest, indent=2)
     log.info("wrote %d samples in %d shards to %s", num_samples, num_shards, out_dir)
     return manifest
+
+
+GENERATORS = ("fastenc.data.synth", "fastenc.datatools.synth_vqa")
+"""The `generator` of the manifests this world's sets carry (shards; the vision-language folder)."""
+
+
+def world_manifest() -> dict:
+    """What identifies this world in a manifest: its VERSION and KNOBS."""
+    return {"version": VERSION, "knobs": {k: list(v) if isinstance(v, tuple) else v for k, v in KNOBS.items()}}
+
+
+def is_stale(out_dir: str) -> bool:
+    """Whether out_dir holds a synthetic set (its manifest says fastenc.data.synth) drawn by another world than this
+    one (VERSION, KNOBS): whoever generates on first use should draw it again. Other data is never stale."""
+    try:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    world = world_manifest()
+    return manifest.get("generator") in GENERATORS and any(manifest.get(k) != v for k, v in world.items())
 
 
 def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:

@@ -8,6 +8,7 @@ in VMCBench's format, all from the synthetic world of fastenc.datatools.synth (s
     out/heldout.json               open questions on held-out images (what `fastenc chat --score` is tried on)
     out/benchmark.jsonl            multiple-choice questions on the held-out images, VMCBench's columns (index,
                                    question, A-D, answer, category, image) plus `type`: `fastenc eval vqa` reads it
+    out/manifest.json              written last: the world's version and knobs, the arguments, the item count
 
 Question types (QUESTION_TYPES) and the VMCBench group each stands in for (its `category` column):
 
@@ -16,11 +17,11 @@ Question types (QUESTION_TYPES) and the VMCBench group each stands in for (its `
     color     general         the shape's color                     the 11 colors
     shape     general         the shape's category                  the 10 categories
     style     general         the background's pattern              the 6 styles
-    position  reason          which quadrant the shape sits in      the 4 quadrants
+    count     reason          how many small diamonds the corners   0, 1, 2, 3
+                              hold
 
 The wrong options of a question are other values of the same attribute. A question is asked only where the image
-answers it: `word` on images with a word, `position` on images whose shape sits at least POSITION_MARGIN of the side
-away from both middle lines. Every answer is known exactly, so whether a VLM reads the image is a count.
+answers it (`word` on images with a word). Every answer is known exactly, so whether a VLM reads the image is a count.
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ import os
 
 import numpy as np
 
-from fastenc.datatools.synth import CATEGORIES, COLOR_NAMES, STYLE_ADJECTIVES, STYLES, WORDS, render_sample
+from fastenc.data.conversation import OPTION_LETTERS, multiple_choice_prompt
+from fastenc.datatools.synth import CATEGORIES, COLOR_NAMES, STYLE_ADJECTIVES, STYLES, WORDS, render_sample, world_manifest
 from fastenc.utils import atomic
 
 CAPTION_PROMPTS = ("Describe the image briefly.", "Give a short caption for this image.",
                    "What does the image show?", "Summarize the picture in a few words.")
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-POSITION_MARGIN = 0.06
-"""A position question needs the shape's center this far (a fraction of the side) from both middle lines."""
+COUNTS = ("0", "1", "2", "3")
 
 # type: (VMCBench group, open question, multiple-choice question, the attribute's values)
 QUESTION_TYPES = {
@@ -47,10 +47,10 @@ QUESTION_TYPES = {
     "shape": ("general", "What shape is shown?", "Which shape is shown?", CATEGORIES),
     "style": ("general", "What pattern does the background have?", "Which pattern does the background have?",
               tuple(STYLE_ADJECTIVES[s] for s in STYLES)),
-    "position": ("reason", "Where in the image is the shape?", "In which part of the image is the shape?",
-                 QUADRANTS),
+    "count": ("reason", "How many small diamonds are in the corners?",
+              "How many small diamonds are in the corners of the image?", COUNTS),
 }
-LETTERS = ("A", "B", "C", "D")
+LETTERS = OPTION_LETTERS
 
 
 def answer_of(kind: str, attrs: dict) -> str | None:
@@ -64,11 +64,8 @@ def answer_of(kind: str, attrs: dict) -> str | None:
         return attrs["category"]
     if kind == "style":
         return STYLE_ADJECTIVES[attrs["style"]]
-    if kind == "position":
-        dx, dy = attrs["center_x"] - 0.5, attrs["center_y"] - 0.5
-        if min(abs(dx), abs(dy)) < POSITION_MARGIN:
-            return None
-        return QUADRANTS[2 * (dy > 0) + (dx > 0)]
+    if kind == "count":
+        return str(attrs["num_marks"])
     raise ValueError(f"unknown question type {kind!r}; known: {', '.join(QUESTION_TYPES)}")
 
 
@@ -87,10 +84,7 @@ def multiple_choice(kind: str, answer: str, rng: np.random.Generator) -> dict:
 
 def mc_prompt(item: dict) -> str:
     """The benchmark's prompt for a multiple-choice item, exactly as `fastenc eval vqa` asks it."""
-    from fastenc.eval.vqa import VQAItem, prompt_text
-
-    return prompt_text(VQAItem(index=0, question=item["question"], options={k: item[k] for k in LETTERS},
-                               answer=item["answer"], category=""))
+    return multiple_choice_prompt(item["question"], {k: item[k] for k in LETTERS})
 
 
 def _conversation(pairs: list[tuple[str, str]]) -> list[dict]:
@@ -150,4 +144,8 @@ def write_synthetic_vqa(out_dir: str, num_samples: int, *, num_heldout: int = 30
         paths[key] = atomic.write_json(os.path.join(out_dir, f"{key}.json"), records, indent=None)
     paths["benchmark"] = atomic.write_text(os.path.join(out_dir, "benchmark.jsonl"),
                                            "".join(json.dumps(r) + "\n" for r in benchmark))
+    paths["manifest"] = atomic.write_json(os.path.join(out_dir, "manifest.json"), {  # last: marks a finished set
+        "generator": "fastenc.datatools.synth_vqa", **world_manifest(), "num_samples": num_samples,
+        "num_heldout": num_heldout, "image_size": image_size, "seed": seed, "mc_fraction": mc_fraction,
+        "num_benchmark_items": len(benchmark)})
     return paths

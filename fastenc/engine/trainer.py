@@ -117,13 +117,19 @@ def prepare_data(cfg: Config, dist: DistInfo) -> list[str]:
 
 def _synthesize_if_missing(cfg: Config) -> None:
     from fastenc.data.shards import expand_shards
-    from fastenc.datatools.synth import write_synthetic_shards
+    from fastenc.datatools.synth import is_stale, write_synthetic_shards
 
+    out = cfg.data.train_shards.rstrip("/")
     try:
         expand_shards(cfg.data.train_shards)
+        stale = is_stale(out)
+        if stale:
+            log.warning("%s holds synthetic shards of an older world (fastenc.datatools.synth.VERSION): drawing "
+                        "them again", out)
     except FileNotFoundError:
-        out = cfg.data.train_shards.rstrip("/")
         log.warning("no shards at %s: generating %d synthetic samples there", out, cfg.data.synth.num_samples)
+        stale = True
+    if stale:
         write_synthetic_shards(out, cfg.data.synth.num_samples, image_size=cfg.data.synth.image_size,
                                seed=cfg.run.seed, samples_per_shard=cfg.data.synth.samples_per_shard)
 

@@ -53,12 +53,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from fastenc.data.conversation import OPTION_LETTERS, multiple_choice_prompt
 from fastenc.eval.features import EvalDataError
 from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
 
-LETTERS = ("A", "B", "C", "D")
+LETTERS = OPTION_LETTERS
 REQUIRED = ("question", *LETTERS, "answer", "category", "image")
 FORMATS = (".parquet", ".tsv", ".jsonl", ".json")
 MODES = ("likelihood", "generate")
@@ -71,9 +72,6 @@ GROUPS = {
 }
 """VMCBench's four groups of its 20 source subsets (the category column); anything else is "other"."""
 GROUP_ORDER = (*GROUPS, "other")
-
-PROMPT = ("Question: {question}\nOptions:\n{options}\n"
-          "Answer with the option's letter from the given choices directly.")
 
 
 class VQAFormatError(EvalDataError):
@@ -117,8 +115,7 @@ class VQAItem:
 def prompt_text(item: VQAItem) -> str:
     """The paper's prompt: "Question: ...\\nOptions:\\nA. ...\\n...\\nAnswer with the option's letter from the given
     choices directly." (empty options left out)."""
-    options = "\n".join(f"{letter}. {text}" for letter, text in item.options.items())
-    return PROMPT.format(question=item.question, options=options)
+    return multiple_choice_prompt(item.question, item.options)
 
 
 # ---------------------------------------------------------------------------------------------------------------

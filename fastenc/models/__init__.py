@@ -18,6 +18,7 @@ _VIT_PRESETS: dict[str, dict] = {
     "vit_test": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
     # The CPU recipe model: 64 px images, 64 patch tokens.
     "vit_cpu_patch8_64": dict(img_size=64, patch_size=8, embed_dim=256, depth=6, num_heads=4),
+    "vit_cpu_patch16_64": dict(img_size=64, patch_size=16, embed_dim=256, depth=6, num_heads=4),
     "vit_small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch14_224": dict(img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16),

@@ -91,6 +91,47 @@ def test_images_are_real_jpegs_and_vary(synth_dir):
     assert img.shape == (64, 64, 3) and img.std() > 10  # not a blank frame
 
 
+def test_a_set_of_another_world_is_stale_and_redrawn_on_first_use(tmp_path, monkeypatch):
+    from fastenc.datatools import synth
+
+    write_synthetic_shards(tmp_path / "s", 4, samples_per_shard=4, progress=False)
+    assert not synth.is_stale(str(tmp_path / "s"))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["version"] == synth.VERSION and manifest["knobs"]["center_jitter"] == synth.KNOBS["center_jitter"]
+    monkeypatch.setitem(synth.KNOBS, "max_rotation", 90.0)
+    assert synth.is_stale(str(tmp_path / "s"))  # drawn by another world
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps({"generator": "fastenc.datatools.ingest"}))
+    assert not synth.is_stale(str(tmp_path / "other")) and not synth.is_stale(str(tmp_path / "none"))
+    # the trainer's generate-on-first-use draws a stale set again
+    from fastenc.config import load_config
+    from fastenc.engine.trainer import _synthesize_if_missing
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cpu", "clip_tiny.yaml"),
+                      [f"data.train_shards={tmp_path / 's'}", "data.synth.num_samples=4",
+                       "data.synth.samples_per_shard=4"])
+    _synthesize_if_missing(cfg)
+    assert not synth.is_stale(str(tmp_path / "s"))
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["knobs"]["max_rotation"] == 90.0
+
+
+def test_counted_marks_are_drawn_in_their_corners():
+    """num_marks diamonds, black or white, in as many corners; the other corners show the background."""
+    from fastenc.datatools.synth import _CORNERS
+
+    seen = set()
+    for i in range(40):
+        img, attrs = render_sample(i, seed=2)
+        px = np.asarray(img, dtype=np.float32)
+        marked = 0
+        for cx, cy in _CORNERS:
+            v = px[int(cy * img.height), int(cx * img.width)]
+            marked += bool(np.abs(v - 15).max() < 40 or np.abs(v - 245).max() < 40)
+        assert marked == attrs["num_marks"], (i, attrs)
+        seen.add(attrs["num_marks"])
+    assert seen == {0, 1, 2, 3}
+
+
 def test_object_color_is_visible():
     """The named color occupies a good part of the frame (what color probes rely on)."""
     for i in range(20):

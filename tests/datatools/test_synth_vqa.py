@@ -80,9 +80,8 @@ def test_answer_letters_are_spread_and_unanswerable_questions_are_not_asked():
     rng = np.random.default_rng(0)
     letters = [multiple_choice("shape", "star", rng)["answer"] for _ in range(400)]
     assert all(80 <= letters.count(k) <= 120 for k in LETTERS)
-    attrs = {"word": None, "center_x": 0.52, "center_y": 0.2, "color": "red", "category": "star", "style": "dots"}
-    assert answer_of("word", attrs) is None and answer_of("position", attrs) is None
-    assert answer_of("position", {**attrs, "center_x": 0.7}) == "top right"
+    attrs = {"word": None, "num_marks": 2, "color": "red", "category": "star", "style": "dots"}
+    assert answer_of("word", attrs) is None and answer_of("count", attrs) == "2"
     assert answer_of("style", attrs) == "dotted"
     with pytest.raises(ValueError, match="unknown question type"):
         answer_of("size", attrs)

@@ -7,8 +7,8 @@ from fastenc.models import create_text_tower, create_vit, list_text_towers, list
 
 
 def test_presets_are_listed_and_build():
-    assert set(list_vits()) == {"vit_test", "vit_cpu_patch8_64", "vit_small_patch16_224", "vit_base_patch16_224",
-                                "vit_large_patch14_224"}
+    assert set(list_vits()) == {"vit_test", "vit_cpu_patch8_64", "vit_cpu_patch16_64", "vit_small_patch16_224",
+                                "vit_base_patch16_224", "vit_large_patch14_224"}
     assert set(list_text_towers()) == {"text_test", "text_cpu", "text_base"}
     with torch.device("meta"):  # shapes only: building the big presets for real would cost seconds
         for name in list_vits():
