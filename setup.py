@@ -98,10 +98,12 @@ setup(
         # DALI decoding/augmentation (data.backend=dali); numba runs its CPU multi-crop kernel.
         "dali": [pinned("nvidia-dali-cuda130"), pinned("numba")],
         "dev": [pinned("deepspeed"), "tensorboard", "matplotlib", pinned("pytest"), pinned("pytest-timeout"),
-                pinned("open_clip_torch"), pinned("nvidia-dali-cuda130"), pinned("numba"), pinned("transformers")],
+                pinned("open_clip_torch"), pinned("nvidia-dali-cuda130"), pinned("numba"), pinned("transformers"),
+                pinned("pyarrow")],
         "bench": [pinned("open_clip_torch"), "matplotlib"],
-        # The vision-language stage: Hugging Face causal LMs and their fast tokenizers.
-        "vlm": [pinned("transformers")],
+        # The vision-language stage: Hugging Face causal LMs and their fast tokenizers; pyarrow reads VMCBench's
+        # parquet release (`fastenc eval vqa`).
+        "vlm": [pinned("transformers"), pinned("pyarrow")],
     },
     entry_points={"console_scripts": ["fastenc=fastenc.cli:main"]},
     ext_modules=ext_modules,

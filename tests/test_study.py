@@ -285,3 +285,37 @@ def test_study_report_joins_the_encoder_and_vlm_reports(tmp_path):
     assert "Recorded wall time in all: 3.5 min (eval 2.0 min)" in text
     assert "![a](encoders/attributes.png)" in text and "\n### knn\n" in text and "\n### overall\n" in text
     assert "# Evaluation" not in text
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end_trains_encoders_and_vlms_and_writes_one_report(tmp_path, monkeypatch):
+    """`fastenc study run` on the CPU recipes cut to a few steps and small data: prepare, 2 encoders, 2 x 2 VLM
+    stages, the encoder suite and VQA into one report; a second run trains and evaluates nothing again."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        f"name: tiny\nruns: [{CPU}/clip_tiny.yaml, {CPU}/dino_tiny.yaml]\n"
+        "overrides: [schedule.steps=3, schedule.warmup_steps=1, data.synth.num_samples=256, "
+        "data.synth.samples_per_shard=128, data.batch_size=32, engine.checkpoint_every=0]\n"
+        f"vlm:\n  stages: [{CPU}/llava_tiny_stage1.yaml, {CPU}/llava_tiny_stage2.yaml]\n"
+        "  overrides: [schedule.steps=3, schedule.warmup_steps=1, data.batch_size=8, engine.checkpoint_every=0]\n"
+        "prepare:\n"
+        "  data/synth_eval/manifest.json: data synth --out data/synth_eval --num-samples 300 --samples-per-shard 50 "
+        "--seed 1\n"
+        "  data/synth_vqa/manifest.json: data synth-vqa --out data/synth_vqa --num-samples 48 --num-heldout 6\n"
+        f"eval:\n  out: eval/tiny\n  suite: {CPU}/eval_synth.yaml\n"
+        "  vqa: {benchmark: data/synth_vqa/benchmark.jsonl, by: [type], bootstrap: 50}\n")
+    assert main(["study", "run", str(study)]) == 0
+    text = (tmp_path / "eval" / "tiny" / "report.md").read_text()
+    assert "| llava_tiny_stage2-dino_tiny | llava stage 2 | dino_tiny | 3 |" in text
+    assert "## Encoders" in text and "### knn" in text and "num_marks" in text
+    assert "## Vision-language models" in text and "count" in text and "clip_tiny" in text.split("## Vision")[1]
+    results = json.loads((tmp_path / "eval" / "tiny" / "vlm" / "results.json").read_text())
+    assert set(results["results"]) == {"clip_tiny", "dino_tiny"}
+    stamp = os.path.getmtime(tmp_path / "eval" / "tiny" / "vlm" / "results.json")
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    assert main(["study", "run", str(study)]) == 0
+    assert launched == [] and os.path.getmtime(tmp_path / "eval" / "tiny" / "vlm" / "results.json") == stamp
