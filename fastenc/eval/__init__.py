@@ -7,5 +7,6 @@
     vqa.py        multiple-choice VQA in VMCBench's format (likelihood or greedy answers), `fastenc eval vqa`
     chat.py       a vision-language run's answer to one question; exact-match scoring of LLaVA records
     suite.py      `fastenc eval RUN_DIR... --suite` (report.md, results.json, figures)
+    results.py    what their results files share: NAME=SOURCE, strict JSON, portable paths
 The embedding pair analysis lives in fastenc.analysis.pairs.
 """

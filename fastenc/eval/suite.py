@@ -47,6 +47,7 @@ import time
 import yaml
 
 from fastenc.eval.features import DatasetSpec, EvalDataError, FeatureSpec, extract
+from fastenc.eval.results import display_path, finite, parse_source
 from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
@@ -332,10 +333,6 @@ def run_loss_curves(runs, args, out_dir):
     return {"png": os.path.basename(png), "runs": [n for n, _ in paths]}
 
 
-def _parse_source(source: str) -> tuple[str | None, str]:
-    """"NAME=SOURCE" -> (NAME, SOURCE); a plain source -> (None, source). NAME: letters, digits, _ . @ -."""
-    m = re.fullmatch(r"([A-Za-z0-9_.@-]+)=(.+)", source)
-    return (m.group(1), m.group(2)) if m else (None, source)
 
 
 def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: str | None = None,
@@ -356,7 +353,7 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
             raise EvalDataError(f"protocol {proto}: benchmark file {args['benchmark']!r} not found")
     runs = []
     for source in sources:
-        name, src = _parse_source(source)
+        name, src = parse_source(source)
         runs.append(load_run(src, name=name, model=model).to(device))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -366,7 +363,7 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
     from fastenc.utils.provenance import git_revision
 
     results = {"suite": suite["name"], "runs": {r.name: r.source for r in runs},
-               "made_by": {"command": command, "suite_file": _display_path(suite_path), "git": git_revision(),
+               "made_by": {"command": command, "suite_file": display_path(suite_path), "git": git_revision(),
                            "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                "protocols": {}}
     failed = []
@@ -397,7 +394,7 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
             failed.append(f"{proto}: {e}")
         entry["seconds"] = round(time.time() - start, 1)
     _attribute_figure(results, out_dir)
-    atomic.write_json(os.path.join(out_dir, "results.json"), _finite(results), default=_jsonable, allow_nan=False)
+    atomic.write_json(os.path.join(out_dir, "results.json"), finite(results), default=_jsonable, allow_nan=False)
     atomic.write_text(os.path.join(out_dir, "report.md"), render_report(results, out_dir))
     if failed:
         raise EvalDataError(f"{len(failed)} protocol(s) failed (the others are in {out_dir}/report.md): "
@@ -405,21 +402,8 @@ def run_suite(sources: list[str], suite_path: str, out_dir: str, *, cache_dir: s
     return results
 
 
-def _display_path(path: str) -> str:
-    """Relative to the working directory when below it (reports stay portable), else absolute."""
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
 
 
-def _finite(x):
-    """NaN / inf -> None, recursively (strict JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _attribute_figure(results: dict, out_dir: str) -> None:

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 from fastenc.data.conversation import OPTION_LETTERS, multiple_choice_prompt
 from fastenc.eval.features import EvalDataError
+from fastenc.eval.results import display_path, finite, parse_source
 from fastenc.utils import atomic
 
 log = logging.getLogger(__name__)
@@ -498,7 +499,7 @@ def score_run(vlm, items, modes, *, by=(), bootstrap=1000, seed=0, max_new_token
         res = evaluate_vqa(vlm, items, mode, by=by, bootstrap=bootstrap, seed=seed, max_new_tokens=max_new_tokens,
                            progress=progress, desc=name)
         out[mode] = res["summary"]
-        lines += [json.dumps(_finite({"mode": mode, **p}), allow_nan=False) for p in res["predictions"]]
+        lines += [json.dumps(finite({"mode": mode, **p}), allow_nan=False) for p in res["predictions"]]
     if predictions_path:
         atomic.write_text(predictions_path, "".join(line + "\n" for line in lines))
     return out
@@ -541,7 +542,7 @@ def run_vqa(sources: list[str], benchmark: str, out_dir: str, *, images: str | N
     by = check_by(items, by)
     named = []
     for source in sources:
-        name, src = _parse_source(source)
+        name, src = parse_source(source)
         if not is_vlm_run(src):
             raise EvalDataError(f"{src!r} is not a vision-language run dir (no exported language model, "
                                 "export/lm: a llava run writes it when it finishes)")
@@ -550,7 +551,7 @@ def run_vqa(sources: list[str], benchmark: str, out_dir: str, *, images: str | N
     if len(set(names)) != len(names):
         raise EvalDataError(f"two runs share a name ({names}): name them on the command line, NAME=RUN_DIR")
     os.makedirs(out_dir, exist_ok=True)
-    results = {"benchmark": _display_path(benchmark), "num_items": len(items), "modes": list(modes), "by": list(by),
+    results = {"benchmark": display_path(benchmark), "num_items": len(items), "modes": list(modes), "by": list(by),
                "bootstrap": bootstrap, "seed": seed, "runs": {n: s for n, s in named},
                "made_by": {"command": command, "git": git_revision(), "device": device,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
@@ -562,7 +563,7 @@ def run_vqa(sources: list[str], benchmark: str, out_dir: str, *, images: str | N
                                              max_new_tokens=max_new_tokens, name=name, predictions_path=path,
                                              progress=progress)
         del vlm
-    atomic.write_json(os.path.join(out_dir, "results.json"), _finite(results), allow_nan=False)
+    atomic.write_json(os.path.join(out_dir, "results.json"), finite(results), allow_nan=False)
     atomic.write_text(os.path.join(out_dir, "report.md"), render_report(results))
     return results
 
@@ -585,27 +586,10 @@ def _file_name(name: str) -> str:
 # cannot import it without an import cycle): NAME=SOURCE parsing, NaN -> null, and report paths.
 
 
-def _parse_source(source: str) -> tuple[str | None, str]:
-    """"NAME=SOURCE" -> (NAME, SOURCE); a plain source -> (None, source). NAME: letters, digits, _ . @ -."""
-    m = re.fullmatch(r"([A-Za-z0-9_.@-]+)=(.+)", source)
-    return (m.group(1), m.group(2)) if m else (None, source)
 
 
-def _finite(x):
-    """NaN / inf -> None, recursively (strict JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
-def _display_path(path: str) -> str:
-    """Relative to the working directory when below it, else absolute."""
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
 
 
 def _pct(v) -> str:
