@@ -124,7 +124,7 @@ def load_study(path: str, extra_overrides=()) -> Study:
     prepare = data.get("prepare") or {}
     if not isinstance(prepare, dict) or not all(isinstance(v, str) for v in prepare.values()):
         raise ConfigError(f"study {path}: `prepare` maps a file to the fastenc command that makes it, e.g. "
-                          "{data/synth_vqa/benchmark.jsonl: data synth-vqa --out data/synth_vqa}")
+                          "{data/synth_vqa/manifest.json: data synth-vqa --out data/synth_vqa}")
     evaluation = _section(data, "eval", _EVAL_KEYS, path)
     if evaluation:
         if "out" not in evaluation:
