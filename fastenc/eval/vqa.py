@@ -619,7 +619,13 @@ def render_tables(results: dict) -> list[str]:
         tables = [(key, title, lambda s, key=key: s.get(key) or {}) for key, title in _TABLES]
         tables += [(f"by:{col}", col, lambda s, col=col: (s.get("by") or {}).get(col) or {})
                    for col in dict.fromkeys(c for _, s in rows for c in s.get("by") or {})]
+        shown = {}  # the cells of each table drawn so far: a grouping equal to one above is named, not repeated
         for _, title, cells_of in tables:
+            same = json.dumps([cells_of(s) for _, s in rows], sort_keys=True)
+            if same in shown:
+                lines += ["", f"**by {title}**: the same cells as by {shown[same]}"]
+                continue
+            shown[same] = title
             keys = list(dict.fromkeys(k for _, s in rows for k in cells_of(s)))
             first = {k: next(cells_of(s)[k] for _, s in rows if k in cells_of(s)) for k in keys}
             overall = next((s["overall"] for _, s in rows if s.get("overall")), None)

@@ -19,7 +19,7 @@ from fastenc.cli import main  # noqa: E402
 from fastenc.data.conversation import IGNORE  # noqa: E402
 from fastenc.eval.features import EvalDataError  # noqa: E402
 from fastenc.eval.vqa import (VQAFormatError, VQAItem, evaluate_vqa, group_of, load_benchmark,  # noqa: E402
-                              option_logliks, parse_letter, prompt_text, sequence_logliks, summarize)
+                              option_logliks, parse_letter, prompt_text, render_tables, sequence_logliks, summarize)
 from tests.engine.conftest import ROOT  # noqa: E402
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
@@ -444,3 +444,18 @@ def test_suite_vqa_protocol_scores_vlm_runs_and_skips_the_others(vlm_run, tmp_pa
     suite.write_text(yaml.safe_dump({"protocols": {"vqa": {"benchmark": bench, "choices": 4}}}))
     with pytest.raises(EvalDataError, match="unknown arguments"):
         load_suite(str(suite))
+
+
+def test_a_grouping_equal_to_one_above_is_named_not_repeated():
+    def cell(n, correct):
+        return {"n": n, "correct": correct, "accuracy": correct / n, "chance": 0.25, "ci": [0.0, 1.0]}
+
+    groups = {"general": cell(4, 1), "ocr": cell(2, 2)}
+    summary = {"overall": cell(6, 3), "group": groups, "category": dict(groups),
+               "by": {"type": {"color": cell(4, 1), "word": cell(2, 2)}}}
+    text = "\n".join(render_tables({"clip": {"likelihood": summary}}))
+    assert text.count("| clip |") == 2 and "**by VMCBench group**" in text and "**by type**" in text
+    assert "**by category**: the same cells as by VMCBench group" in text
+    summary["category"] = {"chart": cell(4, 1), "ocr": cell(2, 2)}  # VMCBench's own finer categories: drawn
+    text = "\n".join(render_tables({"clip": {"likelihood": summary}}))
+    assert text.count("| clip |") == 3 and "chart (n=4)" in text
