@@ -60,13 +60,17 @@ def add_synth_vqa_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mc-fraction", type=float, default=0.5,
                    help="share of stage-2 questions asked as multiple choice (the benchmark's prompt, a letter)")
+    p.add_argument("--text-fraction", type=float, default=0.0,
+                   help="chance that a training image also gets a text-only stage-2 record: its attributes in words, "
+                        "then multiple-choice questions on them (teaches a random-init LM to answer with a letter)")
 
 
 def run_synth_vqa(args: argparse.Namespace) -> int:
     from fastenc.datatools.synth_vqa import write_synthetic_vqa
 
     paths = write_synthetic_vqa(args.out, args.num_samples, num_heldout=args.num_heldout,
-                                image_size=args.image_size, seed=args.seed, mc_fraction=args.mc_fraction)
+                                image_size=args.image_size, seed=args.seed, mc_fraction=args.mc_fraction,
+                                text_fraction=args.text_fraction)
     print(f"wrote {args.num_samples} + {args.num_heldout} images to {args.out}/images and " + ", ".join(paths.values()))
     return 0
 

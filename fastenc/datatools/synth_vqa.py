@@ -4,7 +4,8 @@ in VMCBench's format, all from the synthetic world of fastenc.datatools.synth (s
     out/images/000000000.jpg ...   the images (training ones first, then the held-out ones)
     out/captions.json              stage 1: "<image>\\n<a request for a short description>" -> the image's caption
     out/instruct.json              stage 2: two questions per image, each asked open ("What color is the shape?" ->
-                                   "red") or as multiple choice in the benchmark's prompt (-> "B")
+                                   "red") or as multiple choice in the benchmark's prompt (-> "B"); with
+                                   text_fraction, also text-only records (below)
     out/heldout.json               open questions on held-out images (what `fastenc chat --score` is tried on)
     out/benchmark.jsonl            multiple-choice questions on the held-out images, VMCBench's columns (index,
                                    question, A-D, answer, category, image) plus `type`: `fastenc eval vqa` reads it
@@ -22,6 +23,14 @@ Question types (QUESTION_TYPES) and the VMCBench group each stands in for (its `
 
 The wrong options of a question are other values of the same attribute. A question is asked only where the image
 answers it (`word` on images with a word). Every answer is known exactly, so whether a VLM reads the image is a count.
+
+Text-only records (text_fraction: the chance that a training image also gets one). Answering a multiple-choice
+question with the right option's letter ("symbol binding") is a skill a pretrained LM brings to LLaVA; the CPU
+study's LM starts random and does not learn it from the image questions alone (it answers open questions about
+color and shape from the image, yet picks letters at chance). So, as LLaVA-1.5 mixes text-only conversations
+into stage 2, a text-only record states an image's attributes in words ("The shape is red. ...") and asks two
+multiple-choice questions about them: the letter follows from the text. They never mention the image, and their
+own random stream leaves the image records as they are without them.
 """
 
 from __future__ import annotations
@@ -51,6 +60,14 @@ QUESTION_TYPES = {
               "How many small diamonds are in the corners of the image?", COUNTS),
 }
 LETTERS = OPTION_LETTERS
+# type: the attribute stated in words, for text-only records
+FACTS = {
+    "word": 'The word "{}" is written on the shape.',
+    "color": "The shape is {}.",
+    "shape": "The shape is {}.",
+    "style": "The background is {}.",
+    "count": "Small diamonds in the corners: {}.",
+}
 
 
 def answer_of(kind: str, attrs: dict) -> str | None:
@@ -87,10 +104,11 @@ def mc_prompt(item: dict) -> str:
     return multiple_choice_prompt(item["question"], {k: item[k] for k in LETTERS})
 
 
-def _conversation(pairs: list[tuple[str, str]]) -> list[dict]:
+def _conversation(pairs: list[tuple[str, str]], *, image: bool = True) -> list[dict]:
     turns = []
     for i, (q, a) in enumerate(pairs):
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 and image else "") + q},
+                  {"from": "gpt", "value": a}]
     return turns
 
 
@@ -109,16 +127,33 @@ def _training_pairs(attrs: dict, rng: np.random.Generator, mc_fraction: float) -
     return pairs
 
 
+def text_only_record(attrs: dict, rng: np.random.Generator) -> dict:
+    """A conversation without an image: the attributes an image answers, stated in words in a random order, then
+    multiple-choice questions about two of them (each answer a letter)."""
+    answered = [(k, answer_of(k, attrs)) for k in QUESTION_TYPES if answer_of(k, attrs) is not None]
+    stated = [(k, ("an " if a[0] in "aeiou" else "a ") + a if k == "shape" else a) for k, a in answered]
+    facts = " ".join(FACTS[k].format(a) for k, a in (stated[i] for i in rng.permutation(len(stated))))
+    pairs = []
+    for i in rng.choice(len(answered), 2, replace=False):
+        item = multiple_choice(*answered[i], rng)
+        pairs.append((mc_prompt(item), item["answer"]))
+    pairs[0] = (facts + "\n" + pairs[0][0], pairs[0][1])
+    return {"conversations": _conversation(pairs, image=False)}
+
+
 def write_synthetic_vqa(out_dir: str, num_samples: int, *, num_heldout: int = 300, image_size: int = 64,
-                        seed: int = 0, mc_fraction: float = 0.5) -> dict:
+                        seed: int = 0, mc_fraction: float = 0.5, text_fraction: float = 0.0) -> dict:
     """Write the images, the three LLaVA JSON files and benchmark.jsonl (see the module docstring); returns their
     paths. Held-out images are drawn from indices past num_samples, so no stage trains on them; each held-out image
-    gets every question type it answers, in the benchmark and (open) in heldout.json."""
+    gets every question type it answers, in the benchmark and (open) in heldout.json. text_fraction: the chance
+    that a training image also gets a text-only record in instruct.json (text_only_record)."""
     if num_samples <= 0 or num_heldout < 0:
         raise ValueError(f"need num_samples > 0 and num_heldout >= 0, got {num_samples}, {num_heldout}")
-    if not 0.0 <= mc_fraction <= 1.0:
-        raise ValueError(f"mc_fraction is a probability in [0, 1], got {mc_fraction}")
+    for name, p in (("mc_fraction", mc_fraction), ("text_fraction", text_fraction)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {p}")
     rng = np.random.default_rng(seed)
+    text_rng = np.random.default_rng([seed, 1])  # its own stream: the image records do not depend on text_fraction
     captions, instruct, heldout, benchmark = [], [], [], []
     for i in range(num_samples + num_heldout):
         img, attrs = render_sample(i, image_size=image_size, seed=seed)
@@ -132,6 +167,8 @@ def write_synthetic_vqa(out_dir: str, num_samples: int, *, num_heldout: int = 30
                              "conversations": _conversation([(prompt, attrs["caption"])])})
             instruct.append({"id": f"{i:09d}", "image": name,
                              "conversations": _conversation(_training_pairs(attrs, rng, mc_fraction))})
+            if text_fraction > 0 and text_rng.random() < text_fraction:
+                instruct.append({"id": f"text-{i:09d}", **text_only_record(attrs, text_rng)})
             continue
         answered = [(k, answer_of(k, attrs)) for k in QUESTION_TYPES if answer_of(k, attrs) is not None]
         heldout.append({"id": f"{i:09d}", "image": name, "attributes": attrs,
@@ -147,5 +184,6 @@ def write_synthetic_vqa(out_dir: str, num_samples: int, *, num_heldout: int = 30
     paths["manifest"] = atomic.write_json(os.path.join(out_dir, "manifest.json"), {  # last: marks a finished set
         "generator": "fastenc.datatools.synth_vqa", **world_manifest(), "num_samples": num_samples,
         "num_heldout": num_heldout, "image_size": image_size, "seed": seed, "mc_fraction": mc_fraction,
+        "text_fraction": text_fraction,
         "num_benchmark_items": len(benchmark)})
     return paths

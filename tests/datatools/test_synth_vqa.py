@@ -92,3 +92,30 @@ def test_same_seed_same_files(tmp_path, written):
     again = write_synthetic_vqa(str(tmp_path), 60, num_heldout=40, image_size=32, seed=3)
     for key in paths:
         assert open(again[key]).read() == open(paths[key]).read()
+
+
+def test_text_only_records_state_the_attributes_and_their_letters_follow_from_the_text(tmp_path, written):
+    _, plain = written
+    paths = write_synthetic_vqa(str(tmp_path), 60, num_heldout=40, image_size=32, seed=3, text_fraction=1.0)
+    records = json.load(open(paths["instruct"]))
+    # the image records are the same as without text records (their own random stream), in the same order
+    assert [r for r in records if "image" in r] == json.load(open(plain["instruct"]))
+    text = [r for r in records if "image" not in r]
+    assert len(text) == 60 and json.load(open(paths["manifest"]))["text_fraction"] == 1.0
+    pattern = re.compile(r"Question: (.*)\nOptions:\nA\. (.*)\nB\. (.*)\nC\. (.*)\nD\. (.*)\nAnswer with")
+    for r in text:
+        turns = r["conversations"]
+        assert all("<image>" not in t["value"] for t in turns) and len(turns) == 4
+        facts = turns[0]["value"].split("\n")[0]
+        _, attrs = render_sample(int(r["id"].split("-")[1]), image_size=32, seed=3)
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            question, *options = pattern.search(human["value"]).groups()
+            kind = next(k for k, v in QUESTION_TYPES.items() if v[2] == question)
+            right = options[LETTERS.index(gpt["value"])]
+            assert right == answer_of(kind, attrs) and right in facts
+            assert sum(o == right for o in options) == 1
+
+
+def test_text_fraction_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="text_fraction"):
+        write_synthetic_vqa(str(tmp_path), 4, num_heldout=0, image_size=32, text_fraction=1.5)
