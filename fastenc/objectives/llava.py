@@ -65,6 +65,10 @@ class LanguageModelConfig:
     training conversations (vocab_size). For CPU recipes, tests and throughput runs; empty: `path` must exist."""
     vocab_size: int = 1024
     """The fitted tokenizer's vocabulary size (preset only)."""
+    fit_on: list = field(default_factory=list)
+    """More conversation data (LLaVA .json records or shards) the preset's tokenizer is fitted on besides
+    data.train_shards: name the later stages' data (stage 2's instructions), so their words are whole tokens as in
+    a pretrained LM's vocabulary rather than split into bytes (preset only)."""
     grad_checkpointing: bool = False
     """Recompute the LM's layers in the backward pass (less activation memory, about a third more compute)."""
 
@@ -145,11 +149,16 @@ class LlavaObjective(VisionLanguage, Objective):
         lm = cfg.objective.lm
         if os.path.isdir(lm.path) or not lm.preset:
             return
+        missing = [data for data in lm.fit_on if "{" not in data and not os.path.exists(data)]
+        if missing:
+            raise ConfigError(f"objective.lm.fit_on: {', '.join(missing)} not found (make the later stages' data "
+                              "before the first stage creates the LM, or leave fit_on empty)")
         from fastenc.models.language import create_preset_lm
 
         log.warning("language model %s not found: creating a random-init %s there, its tokenizer (vocab %d) fitted "
-                    "on %s", lm.path, lm.preset, lm.vocab_size, cfg.data.train_shards)
-        create_preset_lm(lm.path, lm.preset, _conversation_texts(cfg), vocab_size=lm.vocab_size, seed=cfg.run.seed)
+                    "on %s", lm.path, lm.preset, lm.vocab_size, ", ".join([cfg.data.train_shards, *lm.fit_on]))
+        texts = [t for data in [cfg.data.train_shards, *lm.fit_on] for t in _conversation_texts(data)]
+        create_preset_lm(lm.path, lm.preset, texts, vocab_size=lm.vocab_size, seed=cfg.run.seed)
 
     @classmethod
     def missing_assets(cls, cfg) -> str | None:
@@ -266,10 +275,10 @@ def _save(tensors: dict, path: str, metadata: dict) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
-def _conversation_texts(cfg) -> list[str]:
-    """The training conversations as the LM will read them (rendered in the Vicuna format, so the template's words
-    weigh as often as they occur): what a preset LM's tokenizer is fitted on. Records that do not parse are left
-    out here (training skips and counts them)."""
+def _conversation_texts(data: str) -> list[str]:
+    """The conversations of `data` (a records .json or shards) as the LM will read them (rendered in the Vicuna
+    format, so the template's words weigh as often as they occur): what a preset LM's tokenizer is fitted on.
+    Records that do not parse are left out here (training skips and counts them)."""
     import json
 
     from fastenc.data.conversation import VICUNA_V1, parse_llava_conversations
@@ -277,11 +286,11 @@ def _conversation_texts(cfg) -> list[str]:
     from fastenc.data.shards import expand_shards
     from fastenc.data.transforms import CorruptSample
 
-    if is_record_file(cfg.data.train_shards):
-        table = RecordTable(cfg.data.train_shards)
+    if is_record_file(data):
+        table = RecordTable(data)
         records = (table.record(i) for i in range(len(table)))
     else:
-        records = (json.loads(data) for data in _shard_members(expand_shards(cfg.data.train_shards), ".json"))
+        records = (json.loads(member) for member in _shard_members(expand_shards(data), ".json"))
     texts = []
     for record in records:
         try:

@@ -394,3 +394,25 @@ def test_records_that_all_fail_end_the_stream_with_an_error_not_a_hang(assets, t
                           collate_fn=objective.collate_fn(), num_workers=0, seed=0, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match="96 records .* in a row could not be used"):
         next(stream)
+
+
+def test_preset_tokenizer_is_fitted_on_fit_on_too(assets, tmp_path):
+    """lm.fit_on: the later stages' words become whole tokens of a preset LM's vocabulary; a missing file is an
+    error that names it, before anything is created."""
+    from transformers import AutoTokenizer
+
+    from fastenc.errors import ConfigError
+    from fastenc.objectives.llava import LlavaObjective
+
+    def prepared(name, *extra):
+        cfg = _config(STAGE1, _overrides(assets, tmp_path, f"objective.lm.path={tmp_path / name}",
+                                         "objective.lm.preset=llama_tiny", "objective.lm.vocab_size=1024", *extra))
+        LlavaObjective.prepare(cfg)
+        return AutoTokenizer.from_pretrained(str(tmp_path / name))
+
+    word = "Options"  # in every multiple-choice prompt of instruct.json, in no caption
+    assert len(prepared("captions_only").tokenize(word)) > 1
+    assert len(prepared("both", f"objective.lm.fit_on=[{assets.instruct}]").tokenize(word)) == 1
+    with pytest.raises(ConfigError, match="nowhere.json"):
+        prepared("missing", f"objective.lm.fit_on=[{tmp_path / 'nowhere.json'}]")
+    assert not os.path.exists(tmp_path / "missing")
