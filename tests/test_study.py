@@ -281,7 +281,7 @@ def test_study_report_joins_the_encoder_and_vlm_reports(tmp_path):
     record_timing(study, "eval", 120.0)
     text = render_study_report(study, [("Encoders", "encoders"), ("VLMs", "vlm")])
     assert "| clip_tiny | clip |  | 600 | 1.5 min |" in text
-    assert "| llava_tiny_stage2-dino_tiny | llava stage 2 | dino_tiny | 200 | not recorded |" in text
+    assert "| llava_tiny_stage2-dino_tiny | llava stage 2 | dino_tiny | 600 | not recorded |" in text
     assert "Recorded wall time in all: 3.5 min (eval 2.0 min)" in text
     assert "![a](encoders/attributes.png)" in text and "\n### knn\n" in text and "\n### overall\n" in text
     assert "# Evaluation" not in text
@@ -306,7 +306,7 @@ def test_a_tiny_study_end_to_end_trains_encoders_and_vlms_and_writes_one_report(
         "--seed 1\n"
         "  data/synth_vqa/manifest.json: data synth-vqa --out data/synth_vqa --num-samples 48 --num-heldout 6\n"
         f"eval:\n  out: eval/tiny\n  suite: {CPU}/eval_synth.yaml\n"
-        "  vqa: {benchmark: data/synth_vqa/benchmark.jsonl, by: [type], bootstrap: 50}\n")
+        "  vqa: {benchmark: data/synth_vqa/benchmark.jsonl, by: [type], bootstrap: 50, mode: \"likelihood,cloze\"}\n")
     assert main(["study", "run", str(study)]) == 0
     text = (tmp_path / "eval" / "tiny" / "report.md").read_text()
     assert "| llava_tiny_stage2-dino_tiny | llava stage 2 | dino_tiny | 3 |" in text

@@ -55,9 +55,10 @@ def add_eval_vqa_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, metavar="DIR",
                    help="folder the items' image paths are relative to (default: the benchmark file's folder)")
     p.add_argument("--out", required=True, help="output dir: report.md, results.json, predictions-<run>.jsonl")
-    p.add_argument("--mode", default="likelihood", choices=("likelihood", "generate", "both"),
-                   help="likelihood: the option letter the run finds most likely as its answer (default); generate: "
-                   "its greedy answer, parsed to a letter")
+    p.add_argument("--mode", default="likelihood",
+                   help="likelihood: the option letter the run finds most likely as its answer (default, the paper's); "
+                   "cloze: the option text it finds most likely (per character) after the bare question; generate: "
+                   "its greedy answer, parsed to a letter; a comma list of them, both (likelihood,generate) or all")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items")
     p.add_argument("--by", action="append", default=[], metavar="COLUMN",
                    help="also tabulate accuracy per value of this extra column (e.g. type); repeatable")

@@ -24,10 +24,11 @@ prefixed NAME= to name it (default: the config's run.name, or the file name). Pr
 (zero-shot and retrieval for an encoder without a text tower, pairs without both named runs, a label without
 samples, vqa for a run that is not a vision-language run) are recorded as skipped with the reason, not dropped.
 `vqa` scores the vision-language (llava) runs on a multiple-choice benchmark file in VMCBench's format
-(fastenc.eval.vqa: .parquet, .tsv, .jsonl, .json; args benchmark, images, mode likelihood|generate|both, limit, by,
-bootstrap, seed, max_new_tokens); their encoders get the other protocols like any run's. A protocol that fails (bad
-arguments, data it cannot use) is recorded with its error, the others still run, and after report.md is written the
-command fails naming it. Dataset paths and benchmark files are checked before any feature is extracted.
+(fastenc.eval.vqa: .parquet, .tsv, .jsonl, .json; args benchmark, images, mode likelihood|cloze|generate or a comma
+list of them, limit, by, bootstrap, seed, max_new_tokens); their encoders get the other protocols like any run's. A
+protocol that fails (bad arguments, data it cannot use) is recorded with its error, the others still run, and after
+report.md is written the command fails naming it. Dataset paths and benchmark files are checked before any feature is
+extracted.
 
 Features are extracted as `features:` says, unnormalized unless it sets normalize: true: the linear probe
 standardizes them with train statistics (the paper's protocol), k-NN and pairs compare cosines (normalizing

@@ -27,6 +27,13 @@ Modes:
                 log-probabilities of its labelled tokens summed; the options of one question run as one padded
                 batch. The prediction is the argmax (ties: the first letter). Sequences are not cut at the run's
                 max_length (a cut would drop the answer); those longer than it are counted (`over_max_length`).
+    cloze       the option texts instead of their letters (lm-evaluation-harness's and OLMES's "cloze formulation"
+                of multiple choice, the one small LMs are scored with): the user's turn is the bare question (no
+                option list), and each option is scored by the log-likelihood of the assistant's answer being its
+                text, divided by the text's length in characters; the prediction is the best option's letter.
+                It asks whether the model knows the answer without asking it to bind the answer to a letter
+                ("symbol binding", which a small or untrained LM lacks: then `likelihood` is at chance whatever
+                the image tells it). Not the paper's protocol; report it beside `likelihood`.
     generate    the run's greedy answer (fastenc.eval.chat.answer), parsed to a letter (`parse_letter`); an answer
                 that names no option counts as wrong and as `unparsed`.
 An item that cannot be scored (its image does not decode, its prompt does not fit) counts as wrong and in `errors`,
@@ -63,7 +70,7 @@ log = logging.getLogger(__name__)
 LETTERS = OPTION_LETTERS
 REQUIRED = ("question", *LETTERS, "answer", "category", "image")
 FORMATS = (".parquet", ".tsv", ".jsonl", ".json")
-MODES = ("likelihood", "generate")
+MODES = ("likelihood", "cloze", "generate")
 
 GROUPS = {
     "general": ("SEEDBench", "MMStar", "A-OKVQA", "VizWiz", "MMVet", "VQAv2", "OKVQA"),
@@ -332,6 +339,16 @@ def _score_options(vlm, item: VQAItem, enc, pixels) -> tuple[dict, int]:
     return dict(zip(item.options, sequence_logliks(vlm.model, rows, pixels))), max(len(ids) for ids, _ in rows)
 
 
+def _score_option_texts(vlm, item: VQAItem, enc, pixels) -> tuple[dict, int]:
+    """({letter: log p(the answer is the option's text | image, bare question) / its length in characters}, the
+    longest sequence's length in tokens): the cloze mode."""
+    rows = [enc({"conversations": [{"from": "human", "value": item.question}, {"from": "gpt", "value": text}]},
+                has_image=pixels is not None) for text in item.options.values()]
+    logliks = sequence_logliks(vlm.model, rows, pixels)
+    scores = {letter: ll / max(len(text), 1) for (letter, text), ll in zip(item.options.items(), logliks)}
+    return scores, max(len(ids) for ids, _ in rows)
+
+
 def sequence_logliks(model, rows, pixels=None) -> list[float]:
     """[sum of log p(label token | the tokens before it) over the labelled positions] of each (ids, labels) row,
     the rows right-padded into one batch; `pixels` [1, 3, S, S]: the image every row shows (None: text only)."""
@@ -363,7 +380,8 @@ def evaluate_vqa(vlm, items: list[VQAItem], mode: str = "likelihood", *, by=(), 
                  seed: int = 0, max_new_tokens: int = 32, progress: bool = True, desc: str = "vqa") -> dict:
     """Score a loaded vision-language run (fastenc.run.weights.load_vlm) on `items`:
     {"mode", "predictions": [one record per item: index, category, group, the `by` columns, answer, prediction,
-    correct, num_options, and "loglik" {letter: float} (likelihood) or "text" + "parsed" (generate); "error" for an
+    correct, num_options, and "loglik" {letter: float} (likelihood; cloze: per character) or "text" + "parsed"
+    (generate); "error" for an
     item that could not be scored], "summary": summarize(...)}."""
     from tqdm.auto import tqdm
 
@@ -371,7 +389,7 @@ def evaluate_vqa(vlm, items: list[VQAItem], mode: str = "likelihood", *, by=(), 
     from fastenc.eval.chat import answer, image_pixels
 
     if mode not in MODES:
-        raise EvalDataError(f"unknown vqa mode {mode!r} (known: {', '.join(MODES)}, or both)")
+        raise EvalDataError(f"unknown vqa mode {mode!r} (known: {', '.join(MODES)})")
     by = check_by(items, by)
     enc = _conversations(vlm)
     train_length = int(vlm.conversations.max_length)
@@ -381,8 +399,9 @@ def evaluate_vqa(vlm, items: list[VQAItem], mode: str = "likelihood", *, by=(), 
                **{col: item.extra.get(col, "") for col in by}, "answer": item.answer, "prediction": None,
                "correct": False, "num_options": len(item.options)}
         try:
-            if mode == "likelihood":
-                rec["loglik"], length = _score_options(vlm, item, enc, image_pixels(vlm, item.image))
+            if mode in ("likelihood", "cloze"):
+                score = _score_options if mode == "likelihood" else _score_option_texts
+                rec["loglik"], length = score(vlm, item, enc, image_pixels(vlm, item.image))
                 rec["prediction"] = max(rec["loglik"], key=rec["loglik"].get)  # max keeps the first of ties
                 rec["over_max_length"] = length > train_length
             else:
@@ -481,13 +500,16 @@ def load_vlm_run(source: str, device: str = "cpu"):
     return vlm
 
 
-def modes_of(mode: str) -> tuple[str, ...]:
-    """"likelihood" / "generate" / "both" -> the modes to run."""
-    if mode == "both":
-        return MODES
-    if mode not in MODES:
-        raise EvalDataError(f"unknown vqa mode {mode!r} (known: {', '.join(MODES)}, both)")
-    return (mode,)
+def modes_of(mode) -> tuple[str, ...]:
+    """"likelihood", "likelihood,cloze" (or a list), "both" (likelihood and generate), "all" -> the modes to run,
+    in MODES order."""
+    names = {"both": ["likelihood", "generate"], "all": list(MODES)}
+    asked = [m for part in _split(mode) for m in names.get(part, [part])]
+    unknown = [m for m in asked if m not in MODES]
+    if unknown or not asked:
+        raise EvalDataError(f"unknown vqa mode {mode!r} (known: {', '.join(MODES)}; a comma list of them, both "
+                            "(likelihood and generate) or all)")
+    return tuple(m for m in MODES if m in asked)
 
 
 def score_run(vlm, items, modes, *, by=(), bootstrap=1000, seed=0, max_new_tokens=32, name="vqa",

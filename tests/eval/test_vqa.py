@@ -277,6 +277,43 @@ def test_likelihood_picks_the_letter_the_lm_prefers_and_equals_a_direct_computat
     assert result["predictions"][0]["loglik"] == pytest.approx(ll) and result["summary"]["over_max_length"] == 1
 
 
+def test_cloze_scores_the_option_texts_after_the_bare_question_per_character(vlm_run):
+    """cloze: each option's text as the answer to the question alone (no option list, no letters), its
+    log-likelihood over its length in characters; the LM made to prefer one text's tokens picks its letter."""
+    from fastenc.eval.chat import image_pixels
+    from fastenc.eval.vqa import modes_of
+    from fastenc.run.weights import load_vlm
+
+    vlm = load_vlm(vlm_run.run_dir)  # its own copy: a hook goes on its LM head
+    item = VQAItem(3, "What color is the shape?", dict(zip("ABCD", COLORS)), "C", "VQAv2", _image_bytes("green"))
+    pixels = image_pixels(vlm, item.image)
+
+    def direct(text):
+        record = {"conversations": [{"from": "human", "value": item.question}, {"from": "gpt", "value": text}]}
+        ids, labels = vlm.conversations(record, has_image=True)
+        assert "Options" not in vlm.tokenizer.decode(ids)  # the bare question
+        return sequence_logliks(vlm.model, [(ids, labels)], pixels)[0] / len(text)
+
+    plain = evaluate_vqa(vlm, [item], "cloze", progress=False)["predictions"][0]
+    assert plain["loglik"] == pytest.approx({k: direct(v) for k, v in item.options.items()}, abs=1e-4)
+    target = {i for i in vlm.tokenizer(item.options["C"], add_special_tokens=False)["input_ids"]}
+    for other in "ABD":
+        target -= set(vlm.tokenizer(item.options[other], add_special_tokens=False)["input_ids"])
+    assert target
+    bias = torch.zeros(len(vlm.tokenizer))
+    bias[list(target)] = 20.0
+    handle = vlm.model.lm.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+    try:
+        pred = evaluate_vqa(vlm, [item], "cloze", progress=False)["predictions"][0]
+        assert pred["prediction"] == "C" and pred["correct"]
+    finally:
+        handle.remove()
+    assert modes_of("cloze,likelihood") == ("likelihood", "cloze") and modes_of("both") == ("likelihood", "generate")
+    assert modes_of("all") == ("likelihood", "cloze", "generate")
+    with pytest.raises(EvalDataError, match="unknown vqa mode"):
+        modes_of("likelihood,guess")
+
+
 def test_padded_rows_score_as_they_do_alone(vlm):
     from fastenc.eval.chat import image_pixels
 

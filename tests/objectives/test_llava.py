@@ -411,7 +411,7 @@ def test_preset_tokenizer_is_fitted_on_fit_on_too(assets, tmp_path):
         return AutoTokenizer.from_pretrained(str(tmp_path / name))
 
     word = "Options"  # in every multiple-choice prompt of instruct.json, in no caption
-    assert len(prepared("captions_only").tokenize(word)) > 1
+    assert len(prepared("captions_only", "objective.lm.fit_on=[]").tokenize(word)) > 1
     assert len(prepared("both", f"objective.lm.fit_on=[{assets.instruct}]").tokenize(word)) == 1
     with pytest.raises(ConfigError, match="nowhere.json"):
         prepared("missing", f"objective.lm.fit_on=[{tmp_path / 'nowhere.json'}]")
