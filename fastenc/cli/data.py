@@ -62,7 +62,7 @@ def add_synth_vqa_args(p: argparse.ArgumentParser) -> None:
                    help="share of stage-2 questions asked as multiple choice (the benchmark's prompt, a letter)")
     p.add_argument("--text-fraction", type=float, default=0.0,
                    help="chance that a training image also gets a text-only stage-2 record: its attributes in words, "
-                        "then multiple-choice questions on them (teaches a random-init LM to answer with a letter)")
+                        "then multiple-choice questions on them (letter binding practice for the LM)")
 
 
 def run_synth_vqa(args: argparse.Namespace) -> int:
