@@ -331,22 +331,24 @@ def option_logliks(vlm, item: VQAItem, *, conversations=None, pixels=None) -> di
     return _score_options(vlm, item, conversations or _conversations(vlm), pixels)[0]
 
 
+def _score_answers(vlm, prompt: str, answers: dict, enc, pixels) -> tuple[dict, int]:
+    """({key: log p(the assistant's answer is answers[key] | image, prompt)}, the longest sequence's length in
+    tokens): the conversations [(prompt, answer)] rendered as training renders them, in one padded batch."""
+    rows = [enc({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]},
+                has_image=pixels is not None) for answer in answers.values()]
+    return dict(zip(answers, sequence_logliks(vlm.model, rows, pixels))), max(len(ids) for ids, _ in rows)
+
+
 def _score_options(vlm, item: VQAItem, enc, pixels) -> tuple[dict, int]:
-    """(option_logliks, the longest option sequence's length in tokens)."""
-    prompt = prompt_text(item)
-    rows = [enc({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": letter}]},
-                has_image=pixels is not None) for letter in item.options]
-    return dict(zip(item.options, sequence_logliks(vlm.model, rows, pixels))), max(len(ids) for ids, _ in rows)
+    """(option_logliks, the longest option sequence's length in tokens): the likelihood mode."""
+    return _score_answers(vlm, prompt_text(item), {letter: letter for letter in item.options}, enc, pixels)
 
 
 def _score_option_texts(vlm, item: VQAItem, enc, pixels) -> tuple[dict, int]:
     """({letter: log p(the answer is the option's text | image, bare question) / its length in characters}, the
     longest sequence's length in tokens): the cloze mode."""
-    rows = [enc({"conversations": [{"from": "human", "value": item.question}, {"from": "gpt", "value": text}]},
-                has_image=pixels is not None) for text in item.options.values()]
-    logliks = sequence_logliks(vlm.model, rows, pixels)
-    scores = {letter: ll / max(len(text), 1) for (letter, text), ll in zip(item.options.items(), logliks)}
-    return scores, max(len(ids) for ids, _ in rows)
+    logliks, length = _score_answers(vlm, item.question, item.options, enc, pixels)
+    return {letter: ll / max(len(item.options[letter]), 1) for letter, ll in logliks.items()}, length
 
 
 def sequence_logliks(model, rows, pixels=None) -> list[float]:
